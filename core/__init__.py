@@ -1,0 +1,1 @@
+"""Settings, the model registry and the shared types; imports nothing else of vramq."""
