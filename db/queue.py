@@ -319,11 +319,17 @@ async def fail(
     return out.get(job_id)
 
 
-async def release(db: Executor, *, term: int, job_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-    """Give leased (not yet started) jobs back to the queue without counting an attempt."""
+async def release(
+    db: Executor,
+    *,
+    term: int,
+    job_ids: Sequence[uuid.UUID],
+    reason: str = "released by its scheduler",
+) -> set[uuid.UUID]:
+    """Give jobs back to the queue without counting the attempt (their workers must be stopped)."""
     if not job_ids:
         return set()
-    rows = await db.fetch(sql.RELEASE, term, list(job_ids))
+    rows = await db.fetch(sql.RELEASE, term, list(job_ids), reason)
     return {r["id"] for r in rows}
 
 

@@ -216,13 +216,16 @@ WHERE j.id = d.id AND j.lease_owner = $1 AND j.status IN ('leased', 'running')
 RETURNING j.id, j.status, j.attempts
 """
 
-# release: give leased jobs back untouched (not an attempt): the leader claimed more than it could
-# start, or is stepping down before the work began.
+# release: give jobs back to the queue without counting the attempt: the leader claimed more than it
+# could start, or it is shutting down gracefully and stopped their workers first.
 RELEASE = """
 UPDATE jobs
 SET status = 'queued', attempts = greatest(attempts - 1, 0), lease_owner = NULL,
-    lease_expires_at = NULL, worker = NULL, gpu = NULL
-WHERE id = ANY($2::uuid[]) AND lease_owner = $1 AND status = 'leased'
+    lease_expires_at = NULL, worker = NULL, gpu = NULL, progress = 0, progress_message = NULL,
+    error = CASE WHEN status = 'running'
+        THEN jsonb_build_object('kind', 'lease_lost', 'message', $3::text, 'attempt', attempts)
+        ELSE error END
+WHERE id = ANY($2::uuid[]) AND lease_owner = $1 AND status IN ('leased', 'running')
 RETURNING id
 """
 
@@ -322,6 +325,16 @@ paths AS (SELECT f.path FROM files f WHERE f.job_id IN (SELECT id FROM doomed)),
 gone AS (DELETE FROM jobs WHERE id IN (SELECT id FROM doomed) RETURNING id)
 SELECT (SELECT count(*) FROM gone)::int AS n, (SELECT coalesce(array_agg(path), '{}') FROM paths) AS paths
 """
+
+# --------------------------------------------------------------------------------------------------
+# Leader election. One session-level advisory lock per pool, in vramq's own key space (first key), held
+# on a dedicated connection for as long as the term lasts. Blocking (not try-lock): a standby is granted
+# the lock the moment the leader's session ends, which makes failover as fast as PostgreSQL notices.
+# --------------------------------------------------------------------------------------------------
+
+LEADER_LOCK = "SELECT pg_advisory_lock(hashtext('vramq'), hashtext($1))"
+LEADER_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext('vramq'), hashtext($1))"
+LEADER_UNLOCK = "SELECT pg_advisory_unlock(hashtext('vramq'), hashtext($1))"
 
 # --------------------------------------------------------------------------------------------------
 # Scheduler terms.
