@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from core.registry import ModelSpec
-from scheduler.gpus import parse_probe
+from scheduler.gpus import GpuProbe, parse_probe
 from scheduler.workerpool import Done, WorkerHandle
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def _nvml_probe():  # type: ignore[no-untyped-def]
+def _nvml_probe() -> GpuProbe:
     try:
         probe = parse_probe("nvml")
     except Exception as exc:  # any failure means "no GPU here"
