@@ -164,14 +164,16 @@ WHERE j.id = s.id AND j.lease_owner = $1 AND j.status = 'leased'
 RETURNING j.id
 """
 
-# progress: throttled in SQL as well as in the leader; 1.0 is always written.
+# progress: throttled in SQL as well as in the leader; 1.0 is always written. $3 is cast explicitly:
+# PostgreSQL types a parameter at its first use, and WHERE is analysed before SET, so `$3 >= 1` alone
+# would make it an integer and store every fraction as 0.
 PROGRESS = """
 UPDATE jobs
-SET progress = $3, progress_message = $4, progress_at = coalesce($6::timestamptz, now())
+SET progress = $3::float8, progress_message = $4, progress_at = coalesce($6::timestamptz, now())
 WHERE id = $1 AND lease_owner = $2 AND status = 'running'
   AND (progress_at IS NULL
        OR progress_at <= coalesce($6::timestamptz, now()) - make_interval(secs => $5::float8)
-       OR $3 >= 1)
+       OR $3::float8 >= 1)
 RETURNING id
 """
 
