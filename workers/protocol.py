@@ -1,0 +1,130 @@
+"""Messages between the scheduler (parent) and one GPU worker subprocess (child).
+
+They travel over a ``multiprocessing`` Pipe, pickled. Each is a small frozen dataclass; nothing in them
+is bigger than a job's inputs or result (files stay on disk, only their names and digests travel).
+
+Parent -> child
+    ``Run``     run one job; the child answers ``Started``, any number of ``Progress``, then exactly one
+                of ``Done``, ``Failed`` or ``CancelledAck``. The parent sends the next ``Run`` only after
+                that answer: a worker runs one job at a time.
+    ``Cancel``  ask the running job to stop at its next ``ctx.check_cancelled()``. A cancel for a job the
+                child is not running is ignored. Cooperative only: the parent escalates with signals.
+    ``Stop``    finish the running job (if any), unload, exit 0.
+
+Child -> parent
+    ``Ready``       sent once, after the adapter loaded and warmed up; ``vram_mb`` is what the worker
+                    measured (None where it cannot tell, e.g. on CPU).
+    ``LoadFailed``  sent instead of ``Ready`` when importing or loading the adapter failed; the child
+                    exits right after.
+    ``Started``     the job's ``run`` has been called.
+    ``Progress``    fraction in [0, 1], throttled by the child (1.0 is always sent).
+    ``Done``        ``result`` is a JSON-serialisable dict; ``outputs`` lists the files written to the job's
+                    output directory; ``vram_mb`` is the measurement after the job.
+    ``Failed``      ``kind`` is an ``ErrorKind`` value: ``invalid_input``, ``oom`` or ``model_error``;
+                    ``message`` is one line (exception type and text), never a traceback.
+    ``CancelledAck`` the job stopped because it was cancelled.
+
+A child that dies sends nothing: the parent sees its pipe close and its process sentinel fire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# Error kinds a worker itself can report (values of core.types.ErrorKind).
+WorkerErrorKind = Literal["invalid_input", "oom", "model_error"]
+
+
+# --- parent -> child -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    job_id: str
+    attempt: int
+    inputs: dict[str, Any]
+    output_dir: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+ToWorker = Run | Cancel | Stop
+
+
+# --- child -> parent -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFile:
+    name: str  # path relative to the job's output directory, '/'-separated
+    size: int
+    sha256: str
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    pid: int
+    device: str
+    vram_mb: int | None
+    load_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailed:
+    kind: WorkerErrorKind
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    job_id: str
+    fraction: float
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    job_id: str
+    result: dict[str, Any]
+    outputs: list[OutputFile] = field(default_factory=list)
+    vram_mb: int | None = None
+    run_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    job_id: str
+    kind: WorkerErrorKind
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledAck:
+    job_id: str
+
+
+FromWorker = Ready | LoadFailed | Started | Progress | Done | Failed | CancelledAck
+
+MAX_MESSAGE_CHARS = 2000
+
+
+def one_line(exc: BaseException, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``Type: text`` on one line, cut to ``limit`` characters: what a job's error message shows."""
+    text = " ".join(str(exc).split())
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -1,0 +1,292 @@
+"""The worker subprocess: load one adapter, then run jobs sent by the scheduler over a pipe.
+
+``worker_main`` is the target of a ``spawn``-context ``multiprocessing.Process`` (see
+``scheduler.workerpool``). The message protocol is in ``workers.protocol``.
+
+Threads in the child:
+
+- main: imports and loads the adapter, then runs jobs one at a time;
+- reader (daemon): receives ``Run``/``Cancel``/``Stop``; a ``Cancel`` sets the running job's flag at once;
+- watchdog (daemon): exits the process when its parent is gone.
+
+A worker never outlives the scheduler that started it: on Linux the kernel sends it SIGKILL when the
+parent thread that spawned it exits (``PR_SET_PDEATHSIG``), and the watchdog covers other systems and the
+short race before that is set. SIGTERM keeps its default action (exit at once); SIGINT is ignored, so
+Ctrl-C in a terminal reaches the scheduler, which then stops its workers in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import importlib
+import json
+import mimetypes
+import os
+import queue
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, NoReturn
+
+from workers.adapter import Context, classify_exception, resolve_inputs
+from workers.protocol import (
+    Cancel,
+    CancelledAck,
+    Done,
+    Failed,
+    LoadFailed,
+    OutputFile,
+    Progress,
+    Ready,
+    Run,
+    Started,
+    Stop,
+    one_line,
+)
+
+PR_SET_PDEATHSIG = 1
+WATCHDOG_INTERVAL_S = 0.25
+CUDA_CONTEXT_ESTIMATE_MB = 500  # what a CUDA context costs beyond torch's allocator, roughly
+
+CONTENT_TYPES = {
+    ".glb": "model/gltf-binary",
+    ".gltf": "model/gltf+json",
+    ".obj": "model/obj",
+    ".mtl": "model/mtl",
+    ".ply": "application/ply",
+    ".stl": "model/stl",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".txt": "text/plain",
+}
+
+
+def content_type(name: str) -> str:
+    """The content type of an output file, from its extension."""
+    ext = Path(name).suffix.lower()
+    if ext in CONTENT_TYPES:
+        return CONTENT_TYPES[ext]
+    guessed, _ = mimetypes.guess_type(name, strict=True)
+    return guessed or "application/octet-stream"
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError) as exc:
+            print(f"vramq worker: prctl(PR_SET_PDEATHSIG) failed: {exc}", file=sys.stderr)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCHDOG_INTERVAL_S)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="vramq-watchdog", daemon=True).start()
+
+
+def _measure_vram_mb(adapter: Any) -> int | None:
+    hook = getattr(adapter, "measured_vram_mb", None)
+    if callable(hook):
+        try:
+            value = hook()
+        except Exception:
+            traceback.print_exc()
+            value = None
+        if value is not None:
+            return int(value)
+    torch = sys.modules.get("torch")  # never import torch here: a CPU-only adapter must stay light
+    if torch is None:
+        return None
+    try:
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return None
+        reserved = int(torch.cuda.memory_reserved()) // (1024 * 1024)
+    except Exception:
+        traceback.print_exc()
+        return None
+    return reserved + CUDA_CONTEXT_ESTIMATE_MB
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_outputs(output_dir: Path) -> list[OutputFile]:
+    """Every regular file under ``output_dir`` (recursively), with size, sha256 and content type."""
+    files: list[OutputFile] = []
+    if not output_dir.is_dir():
+        return files
+    for path in sorted(output_dir.rglob("*")):
+        if path.is_symlink() or not path.is_file():
+            continue  # a link could point anywhere on the server; outputs are what the job wrote
+        name = path.relative_to(output_dir).as_posix()
+        files.append(
+            OutputFile(
+                name=name, size=path.stat().st_size, sha256=_sha256(path), content_type=content_type(name)
+            )
+        )
+    return files
+
+
+def _prepare_output_dir(output_dir: Path) -> None:
+    if output_dir.is_symlink() or output_dir.is_file():
+        output_dir.unlink()
+    elif output_dir.exists():
+        shutil.rmtree(output_dir)  # a previous attempt's partial outputs must not leak into this one
+    output_dir.mkdir(parents=True)
+
+
+class _Worker:
+    """State shared by the main thread (jobs) and the reader thread (messages)."""
+
+    def __init__(self, conn: Connection, model_id: str, device: str) -> None:
+        self.conn = conn
+        self.model_id = model_id
+        self.device = device
+        self.send_lock = threading.Lock()
+        self.jobs: queue.Queue[Run | Stop] = queue.Queue()
+        self.state_lock = threading.Lock()
+        self.current: Context | None = None
+        self.cancelled_ids: set[str] = set()
+
+    def send(self, msg: object) -> None:
+        with self.send_lock:
+            self.conn.send(msg)
+
+    def read_loop(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                # The scheduler closed the pipe: nobody can receive results any more.
+                os._exit(0)
+            if isinstance(msg, Run):
+                self.jobs.put(msg)
+            elif isinstance(msg, Cancel):
+                with self.state_lock:
+                    self.cancelled_ids.add(msg.job_id)
+                    if self.current is not None and self.current.job_id == msg.job_id:
+                        self.current.cancel()
+            elif isinstance(msg, Stop):
+                self.jobs.put(msg)
+            else:
+                print(
+                    f"vramq worker {self.model_id}: ignoring unknown message {type(msg).__name__}",
+                    file=sys.stderr,
+                )
+
+    def run_job(self, adapter: Any, msg: Run) -> None:
+        output_dir = Path(msg.output_dir)
+        job_id = msg.job_id
+
+        def send_progress(fraction: float, message: str) -> None:
+            self.send(Progress(job_id, fraction, message[:500]))
+
+        ctx = Context(msg.job_id, msg.attempt, output_dir, self.device, send_progress=send_progress)
+        with self.state_lock:
+            self.current = ctx
+            if job_id in self.cancelled_ids:
+                ctx.cancel()
+        self.send(Started(job_id))
+        t0 = time.perf_counter()
+        try:
+            ctx.check_cancelled()
+            _prepare_output_dir(output_dir)
+            result = adapter.run(resolve_inputs(msg.inputs), ctx)
+            if not isinstance(result, dict):
+                raise TypeError(f"run() must return a dict, got {type(result).__name__}")
+            # The result is stored as JSON (PostgreSQL jsonb has no NaN): fail here, where it is clear why.
+            try:
+                json.dumps(result, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"run() returned a result that is not plain JSON: {exc}") from None
+            outputs = list_outputs(output_dir)
+            reply: object = Done(
+                job_id, result, outputs, vram_mb=_measure_vram_mb(adapter), run_s=time.perf_counter() - t0
+            )
+        except Exception as exc:
+            kind = classify_exception(exc)
+            if kind == "cancelled":
+                reply = CancelledAck(job_id)
+            else:
+                if kind == "invalid_input":  # the caller's mistake, not a bug: one line is enough
+                    print(f"vramq worker {self.model_id}: job {job_id}: {one_line(exc)}", file=sys.stderr)
+                else:
+                    traceback.print_exc()
+                reply = Failed(job_id, kind, one_line(exc))
+        finally:
+            with self.state_lock:
+                self.current = None
+                self.cancelled_ids.discard(job_id)
+        self.send(reply)
+
+
+def _load(adapter_path: str, device: str) -> Any:
+    module_name, _, class_name = adapter_path.partition(":")
+    module = importlib.import_module(module_name)
+    cls = getattr(module, class_name)
+    adapter = cls()
+    adapter.load(device)
+    warmup = getattr(adapter, "warmup", None)
+    if callable(warmup):
+        warmup()
+    return adapter
+
+
+def worker_main(conn: Connection, adapter_path: str, model_id: str, device: str, parent_pid: int) -> None:
+    """Entry point of a worker subprocess. Never returns: it ends the process when told to stop."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = _Worker(conn, model_id, device)
+    t0 = time.perf_counter()
+    try:
+        adapter = _load(adapter_path, device)
+    except BaseException as exc:
+        print(f"vramq worker {model_id}: loading {adapter_path} on {device} failed", file=sys.stderr)
+        traceback.print_exc()
+        kind = classify_exception(exc)
+        worker.send(LoadFailed("model_error" if kind == "cancelled" else kind, one_line(exc)))
+        _exit(1)
+    load_s = time.perf_counter() - t0
+    worker.send(Ready(os.getpid(), device, _measure_vram_mb(adapter), load_s))
+    threading.Thread(target=worker.read_loop, name="vramq-reader", daemon=True).start()
+    while True:
+        msg = worker.jobs.get()
+        if isinstance(msg, Stop):
+            break
+        worker.run_job(adapter, msg)
+    unload = getattr(adapter, "unload", None)
+    if callable(unload):
+        try:
+            unload()
+        except Exception:
+            traceback.print_exc()
+    _exit(0)
+
+
+def _exit(code: int) -> NoReturn:
+    # os._exit, not sys.exit: a thread an adapter left running must not keep the process (and its
+    # memory) alive after the scheduler asked it to go.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
