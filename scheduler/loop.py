@@ -145,6 +145,11 @@ class Leader:
         self._draining = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._bg: set[asyncio.Task[Any]] = set()
+        # Jobs leased to this term but not in `active`: claimed and being dispatched, or finished with
+        # their outcome not yet written. Anything else the lease renewal finds is an orphan.
+        self._claiming: set[uuid.UUID] = set()
+        self._unflushed: set[uuid.UUID] = set()
+        self._orphans: set[uuid.UUID] = set()
         self._files_dir = Path(settings.files_dir).resolve()
 
     # ----------------------------------------------------------------------------------------------
@@ -179,7 +184,13 @@ class Leader:
                         if t.done() and t.exception() is not None:
                             raise LeadershipLost(f"{t.get_name()} failed: {t.exception()!r}")
                     self._wake.clear()
-                    await self._round()
+                    try:
+                        await self._round()
+                    except (*DB_ERRORS, asyncpg.PostgresError) as exc:
+                        # Leadership is judged by the lock connection and lease renewals, not by one
+                        # failed statement; a claim whose answer was lost is released as an orphan.
+                        log.warning("term %s: round failed: %s", self.term, exc)
+                        await asyncio.sleep(0.2)
                     timeout = max(0.0, self.s.poll_interval_s - (time.monotonic() - self._last_poll))
                     wake_task = asyncio.create_task(self._wake.wait())
                     await asyncio.wait(
@@ -417,14 +428,18 @@ class Leader:
         rows = await q.claim(
             self.pool, term=self.term, wants=wants, pool=self.s.pool, lease_ttl_s=self.s.lease_ttl_s
         )
+        self._claiming.update(r["id"] for r in rows)
         got: dict[str, int] = {}
         for r in rows:
             got[r["model"]] = got.get(r["model"], 0) + 1
         for w in wants:
             if got.get(w.model, 0) < w.n:
                 self.dirty.discard(w.model)  # the queue of this model is empty for now
-        if rows:
-            await self._dispatch(rows, {m: list(ws) for m, ws in idle.items()})
+        try:
+            if rows:
+                await self._dispatch(rows, {m: list(ws) for m, ws in idle.items()})
+        finally:
+            self._claiming.difference_update(r["id"] for r in rows)
 
     async def _dispatch(self, rows: list[Any], idle: dict[str, list[WorkerHandle]]) -> None:
         files = await self._resolve_files(rows)
@@ -542,9 +557,18 @@ class Leader:
         if plan.reservation != self.reservation:
             log.info("reservation: %s", plan.reservation)
         self.reservation = plan.reservation
+        freeing = set()
         for wid in plan.evictions:
+            handle = self.workers.get(wid)
+            if handle is not None:
+                freeing.add(handle.gpu_id)
             self._stop_worker(wid, "evicted to make room")
         for model, gpu_id in plan.starts:
+            if gpu_id in freeing:
+                # Start once the evicted workers have exited and their memory is really free; their
+                # exit wakes the loop and the next round places this start again.
+                self.dirty.add(model)
+                continue
             self._start_worker(model, gpu_id)
         if plan.claims:
             await self._claim_and_dispatch(plan.claims, self._idle_by_model())
@@ -679,10 +703,12 @@ class Leader:
         except Exception as exc:
             log.exception("job %s: worker error", job_id)
             result = Crashed(str(job_id), None, "crashed", f"scheduler error: {exc!r}")
+        self._unflushed.add(job_id)
         self.active.pop(job_id, None)
         self.jobs_done[spec.id] = self.jobs_done.get(spec.id, 0) + 1
         self.wake()
         if active.lost:
+            self._unflushed.discard(job_id)
             return  # no longer ours (leadership or lease lost): the successor decides
         if isinstance(result, Done):
             self._pending.completes.append((job_id, result.result))
@@ -743,6 +769,12 @@ class Leader:
             batch, self._pending = self._pending, _Pending()
             try:
                 await self._flush(batch)
+                self._unflushed.difference_update(
+                    [c[0] for c in batch.completes]
+                    + [f.job_id for f in batch.fails]
+                    + batch.cancels
+                    + batch.releases
+                )
             except DB_ERRORS as exc:
                 log.warning("writer: database unavailable (%s); retrying", exc)
                 self._merge_back(batch)
@@ -815,6 +847,7 @@ class Leader:
                 async with asyncio.timeout(max(1.0, interval)):
                     ours = await q.extend_leases(self.pool, term=self.term, lease_ttl_s=self.s.lease_ttl_s)
                 self._last_lease_ok = started
+                self._release_orphans(ours)
                 for job_id, active in list(self.active.items()):
                     if job_id not in ours and not active.lost:
                         # Taken from us (expired and rescued elsewhere): stop running it now.
@@ -829,6 +862,18 @@ class Leader:
                 self._lose(f"leases not renewed for {fence_after:.0f}s")
                 return
             await asyncio.sleep(max(0.05, min(interval, fence_after / 4)))
+
+    def _release_orphans(self, ours: set[uuid.UUID]) -> None:
+        """Jobs leased to us that nothing here runs (a claim whose answer was lost): give them back.
+        Only after two renewals in a row saw them, so a dispatch or a write in flight is never hit."""
+        orphans = ours - set(self.active) - self._claiming - self._unflushed
+        again = orphans & self._orphans
+        self._orphans = orphans - again
+        if again:
+            log.warning("releasing %d jobs leased to term %s that no worker runs", len(again), self.term)
+            self._pending.releases.extend(again)
+            self._unflushed.update(again)
+            self._write_wake.set()
 
     async def _heartbeat(self) -> None:
         """Refresh the term row (and its snapshot) over the lock connection: proves that connection works."""
