@@ -16,6 +16,7 @@ heartbeat the term row on the lock connection, rescue expired leases, and prune 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -53,6 +54,8 @@ SELF_FENCE_FRACTION = 0.6  # of lease_ttl_s without a renewal: stop everything b
 PEEK_MIN_INTERVAL_S = 0.05
 LOAD_RETRY_BASE_S = 1.0
 PRUNE_INTERVAL_S = 3600.0
+PREFETCH_MAX_RUN_S = 0.05  # prefetch only for models whose jobs average less than this
+PREFETCH_PER_WORKER = 2
 
 
 @dataclass
@@ -76,6 +79,15 @@ class _Pending:
     fails: list[q.Failure] = field(default_factory=list)
     cancels: list[uuid.UUID] = field(default_factory=list)
     releases: list[uuid.UUID] = field(default_factory=list)
+
+    def ids(self) -> set[uuid.UUID]:
+        """Jobs whose outcome this batch holds (still leased to the term until it is written)."""
+        return (
+            {c[0] for c in self.completes}
+            | {f.job_id for f in self.fails}
+            | set(self.cancels)
+            | set(self.releases)
+        )
 
     def empty(self) -> bool:
         return not (
@@ -148,8 +160,10 @@ class Leader:
         # Jobs leased to this term but not in `active`: claimed and being dispatched, or finished with
         # their outcome not yet written. Anything else the lease renewal finds is an orphan.
         self._claiming: set[uuid.UUID] = set()
-        self._unflushed: set[uuid.UUID] = set()
+        self._inflight = _Pending()  # the batch the writer is flushing now
         self._orphans: set[uuid.UUID] = set()
+        self.backlog: dict[str, collections.deque[tuple[Any, dict[str, Any]]]] = {}
+        self.run_ema: dict[str, float] = {}
         self._files_dir = Path(settings.files_dir).resolve()
 
     # ----------------------------------------------------------------------------------------------
@@ -279,6 +293,7 @@ class Leader:
                 with contextlib.suppress(BaseException):
                     await a.task
         self._pending.releases.extend(a.id for a in leftover)
+        self._release_backlog()
         await self._stop_workers(grace_s=2.0)
         await self._flush_until_empty(limit_s=10.0)
         await self._final_snapshot()
@@ -294,6 +309,7 @@ class Leader:
             a.lost = True
             if a.task is not None:
                 a.task.cancel()
+        self.backlog.clear()  # requeued with the term's other jobs below
         await self._final_snapshot()
 
     async def _cancel_side_tasks(self) -> None:
@@ -316,6 +332,11 @@ class Leader:
                 await q.end_term(self.pool, term=self.term)
         except Exception as exc:
             log.warning("term %s: could not record its end: %s", self.term, exc)
+
+    def _release_backlog(self) -> None:
+        for queue in self.backlog.values():
+            self._pending.releases.extend(r["id"] for r, _ in queue)
+        self.backlog.clear()
 
     async def _stop_workers(self, grace_s: float) -> None:
         workers = list(self.workers.values())
@@ -340,7 +361,15 @@ class Leader:
 
     def _request_cancel(self, job_id: uuid.UUID) -> None:
         active = self.active.get(job_id)
-        if active is None or active.cancel_requested:
+        if active is None:
+            for queue in self.backlog.values():
+                for item in list(queue):
+                    if item[0]["id"] == job_id:
+                        queue.remove(item)
+                        self._pending.cancels.append(job_id)
+                        self._write_wake.set()
+            return
+        if active.cancel_requested:
             return
         active.cancel_requested = True
         log.info("cancelling job %s on worker %s", job_id, active.worker.name)
@@ -398,10 +427,19 @@ class Leader:
             self.dirty.update(m.id for m in self.registry)
             await self._check_cancels()
 
-        # 1. Warm reuse: one claim for every model with idle workers.
+        # 1. Warm reuse: jobs already held for idle workers, then one claim for every model with idle
+        #    workers (plus a short prefetch for models whose jobs take milliseconds).
         idle = self._idle_by_model()
-        if idle:
-            await self._claim_and_dispatch({m: len(ws) for m, ws in idle.items()}, idle)
+        if self.backlog:
+            self._serve_backlog(idle)
+            idle = {m: ws for m, ws in idle.items() if ws}
+        counts = {m: len(ws) for m, ws in idle.items()}
+        for model in self.run_ema:
+            extra = self._prefetch_depth(model)
+            if extra > 0 and model in self.registry:
+                counts[model] = counts.get(model, 0) + extra
+        if counts:
+            await self._claim_and_dispatch(counts, idle)
 
         # 2. Idle expiry.
         expired = placement.idle_expired(
@@ -417,6 +455,7 @@ class Leader:
     async def _claim_and_dispatch(
         self, counts: Mapping[str, int], idle: Mapping[str, list[WorkerHandle]]
     ) -> None:
+        """Claim ``counts[model]`` jobs per model and hand them to ``idle`` workers (extras are held)."""
         assert self.term is not None
         wants = [
             q.Want(model=m, feature=self.registry.get(m).feature, n=n)  # type: ignore[union-attr]
@@ -446,6 +485,13 @@ class Leader:
         for r in rows:
             job_id: uuid.UUID = r["id"]
             spec = self.registry.get(r["model"])
+            if spec is None:
+                self._pending.releases.append(job_id)
+                continue
+            inputs, bad = self._worker_inputs(r, spec, files)
+            if bad is not None:
+                self._pending.fails.append(q.Failure(job_id, ErrorKind.INVALID_INPUT, bad, retry=False))
+                continue
             workers = idle.get(r["model"], [])
             worker = None
             while workers:
@@ -453,26 +499,47 @@ class Leader:
                 if cand.state == "idle":
                     worker = cand
                     break
-            if spec is None or worker is None:
+            if worker is not None:
+                self._start_job(r, spec, inputs, worker)
+            elif self._prefetch_depth(spec.id) > 0:
+                self.backlog.setdefault(spec.id, collections.deque()).append((r, inputs))
+            else:
                 self._pending.releases.append(job_id)
-                continue
-            inputs, bad = self._worker_inputs(r, spec, files)
-            if bad is not None:
-                self._pending.fails.append(q.Failure(job_id, ErrorKind.INVALID_INPUT, bad, retry=False))
-                continue
-            timeout = r["timeout_s"] or spec.timeout_s
-            out_dir = self._files_dir / "outputs" / str(job_id)
-            active = ActiveJob(
-                id=job_id, model=spec.id, attempt=int(r["attempts"]), tenant=r["tenant"], worker=worker
-            )
-            self.active[job_id] = active
-            active.task = asyncio.create_task(
-                self._run_job(active, spec, inputs, out_dir, float(timeout)), name=f"job-{job_id}"
-            )
-            self._pending.starts.append((job_id, worker.name, worker.gpu_id))
-            if r["cancel_requested_at"] is not None:
-                self._request_cancel(job_id)
         self._write_wake.set()
+
+    def _start_job(self, r: Any, spec: ModelSpec, inputs: dict[str, Any], worker: WorkerHandle) -> None:
+        job_id: uuid.UUID = r["id"]
+        timeout = r["timeout_s"] or spec.timeout_s
+        out_dir = self._files_dir / "outputs" / str(job_id)
+        active = ActiveJob(
+            id=job_id, model=spec.id, attempt=int(r["attempts"]), tenant=r["tenant"], worker=worker
+        )
+        self.active[job_id] = active
+        active.task = asyncio.create_task(
+            self._run_job(active, spec, inputs, out_dir, float(timeout)), name=f"job-{job_id}"
+        )
+        self._pending.starts.append((job_id, worker.name, worker.gpu_id))
+        if r["cancel_requested_at"] is not None:
+            self._request_cancel(job_id)
+
+    def _prefetch_depth(self, model: str) -> int:
+        """Jobs to hold leased ahead of the warm workers of a model whose jobs are very short: it hides
+        the claim round trip between two jobs. Long jobs are never held back from other pools."""
+        ema = self.run_ema.get(model)
+        if ema is None or ema > PREFETCH_MAX_RUN_S:
+            return 0
+        warm = sum(1 for w in self.workers.values() if w.spec.id == model and w.state in ("idle", "busy"))
+        return max(0, warm * PREFETCH_PER_WORKER - len(self.backlog.get(model, ())))
+
+    def _serve_backlog(self, idle: dict[str, list[WorkerHandle]]) -> None:
+        for model, workers in idle.items():
+            queue = self.backlog.get(model)
+            spec = self.registry.get(model)
+            while queue and workers and spec is not None:
+                r, inputs = queue.popleft()
+                self._start_job(r, spec, inputs, workers.pop(0))
+        if any(self._pending.starts):
+            self._write_wake.set()
 
     async def _resolve_files(self, rows: list[Any]) -> dict[uuid.UUID, Mapping[str, Any]]:
         """Look up the uploads named by the jobs' file inputs (only the job's own tenant's files)."""
@@ -703,12 +770,13 @@ class Leader:
         except Exception as exc:
             log.exception("job %s: worker error", job_id)
             result = Crashed(str(job_id), None, "crashed", f"scheduler error: {exc!r}")
-        self._unflushed.add(job_id)
         self.active.pop(job_id, None)
+        if isinstance(result, Done):
+            prev = self.run_ema.get(spec.id, result.run_s)
+            self.run_ema[spec.id] = 0.8 * prev + 0.2 * result.run_s
         self.jobs_done[spec.id] = self.jobs_done.get(spec.id, 0) + 1
         self.wake()
         if active.lost:
-            self._unflushed.discard(job_id)
             return  # no longer ours (leadership or lease lost): the successor decides
         if isinstance(result, Done):
             self._pending.completes.append((job_id, result.result))
@@ -767,20 +835,16 @@ class Leader:
                 continue
             self._writer_idle.clear()
             batch, self._pending = self._pending, _Pending()
+            self._inflight = batch
             try:
                 await self._flush(batch)
-                self._unflushed.difference_update(
-                    [c[0] for c in batch.completes]
-                    + [f.job_id for f in batch.fails]
-                    + batch.cancels
-                    + batch.releases
-                )
             except DB_ERRORS as exc:
                 log.warning("writer: database unavailable (%s); retrying", exc)
                 self._merge_back(batch)
                 await asyncio.sleep(0.2)
                 self._write_wake.set()
             finally:
+                self._inflight = _Pending()
                 if self._pending.empty():
                     self._writer_idle.set()
 
@@ -800,7 +864,10 @@ class Leader:
         async with self.pool.acquire() as conn, conn.transaction():
             if b.starts:
                 await q.start_many(conn, term=term, started=b.starts)
+            finishing = b.ids()
             for job_id, (fraction, message) in b.progress.items():
+                if job_id in finishing:
+                    continue  # its final state is written below; a progress row would be noise
                 await q.progress(
                     conn,
                     term=term,
@@ -866,13 +933,14 @@ class Leader:
     def _release_orphans(self, ours: set[uuid.UUID]) -> None:
         """Jobs leased to us that nothing here runs (a claim whose answer was lost): give them back.
         Only after two renewals in a row saw them, so a dispatch or a write in flight is never hit."""
-        orphans = ours - set(self.active) - self._claiming - self._unflushed
+        held = {r["id"] for queue in self.backlog.values() for r, _ in queue}
+        writing = self._pending.ids() | self._inflight.ids()
+        orphans = ours - set(self.active) - self._claiming - writing - held
         again = orphans & self._orphans
         self._orphans = orphans - again
         if again:
             log.warning("releasing %d jobs leased to term %s that no worker runs", len(again), self.term)
             self._pending.releases.extend(again)
-            self._unflushed.update(again)
             self._write_wake.set()
 
     async def _heartbeat(self) -> None:

@@ -89,16 +89,12 @@ async def test_leader_failover_rescues_the_running_job(dsn: str, conn: asyncpg.C
         first = await wait_for(lambda: leader(conn, "p1"), timeout=30, what="a leader")
         assert first["pid"] in {p.pid for p in procs}
         # Exactly one leads: the other is blocked on the lock.
-        locks = await conn.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        )
+        locks = await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
         assert locks == 1
 
         created, _ = await q.enqueue(conn, submit(2.0))
         jid = created["id"]
-        await wait_for(
-            lambda: worker_pid_of(conn, "p1", jid), timeout=30, what="the job running on a worker"
-        )
+        await wait_for(lambda: worker_pid_of(conn, "p1", jid), timeout=30, what="the job running on a worker")
         wpid = await worker_pid_of(conn, "p1", jid)
         assert wpid is not None
         killed = time.time()
@@ -116,9 +112,7 @@ async def test_leader_failover_rescues_the_running_job(dsn: str, conn: asyncpg.C
         # The dead leader's worker died with it.
         await wait_for(lambda: _async(pid_gone(wpid)), timeout=5, what="the old worker to exit")
 
-        done = await wait_for(
-            lambda: _terminal(conn, jid), timeout=60, what="the rescued job to finish"
-        )
+        done = await wait_for(lambda: _terminal(conn, jid), timeout=60, what="the rescued job to finish")
         assert done["status"] == "succeeded", done["error"]
         assert done["attempts"] == 2
         runs = executions(env["rec"])
