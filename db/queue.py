@@ -123,6 +123,8 @@ async def enqueue_many(
         [j.max_attempts for j in jobs],
         [j.timeout_s for j in jobs],
         now,
+        [dict(j.metadata) if j.metadata is not None else None for j in jobs],
+        [j.run_after for j in jobs],
     )
     return [r["id"] for r in rows]
 

@@ -41,12 +41,13 @@ SELECT * FROM jobs WHERE tenant = $1 AND idempotency_key = $2
 
 # enqueue_many: a batch in one statement (arrays, one round trip); no idempotency keys.
 ENQUEUE_MANY = """
-INSERT INTO jobs (tenant, model, feature, pool, inputs, priority, max_attempts, timeout_s,
+INSERT INTO jobs (tenant, model, feature, pool, inputs, metadata, priority, max_attempts, timeout_s,
                   run_after, created_at)
-SELECT b.tenant, b.model, b.feature, b.pool, b.inputs, b.priority, b.max_attempts, b.timeout_s,
-       coalesce($9::timestamptz, now()), coalesce($9::timestamptz, now())
+SELECT b.tenant, b.model, b.feature, b.pool, b.inputs, b.metadata, b.priority, b.max_attempts,
+       b.timeout_s, coalesce(b.run_after, $9::timestamptz, now()), coalesce($9::timestamptz, now())
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int[], $7::int[],
-            $8::float8[]) AS b(tenant, model, feature, pool, inputs, priority, max_attempts, timeout_s)
+            $8::float8[], $10::jsonb[], $11::timestamptz[])
+     AS b(tenant, model, feature, pool, inputs, priority, max_attempts, timeout_s, metadata, run_after)
 RETURNING id
 """
 
