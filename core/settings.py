@@ -135,8 +135,9 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "settings"
-            lines.append(f"VRAMQ_{loc.upper()}: {err['msg']}")
+            loc = ".".join(str(p) for p in err["loc"]).upper() or "SETTINGS"
+            name = loc if loc.startswith(("VRAMQ_", "DATABASE_URL", "ENABLE_SCHEDULER")) else f"VRAMQ_{loc}"
+            lines.append(f"{name}: {err['msg']}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 

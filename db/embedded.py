@@ -95,6 +95,15 @@ class EmbeddedServer:
     def _lock_file(self) -> Path:
         return self.data_dir / "pg.lock"
 
+    @property
+    def _pin_file(self) -> Path:
+        return self.data_dir / "pg.pinned"
+
+    def pin(self) -> None:
+        """Keep the server running after the last vramq process leaves (until ``stop()``)."""
+        with _locked(self._lock_file):
+            self._pin_file.touch()
+
     def dsn(self, database: str = DATABASE) -> str:
         if self.tcp_port is not None:
             return f"postgresql://postgres@127.0.0.1:{self.tcp_port}/{database}"
@@ -262,7 +271,7 @@ class EmbeddedServer:
         with contextlib.suppress(Exception), _locked(self._lock_file):
             users = [p for p in self._users() if p != os.getpid()]
             self._write_users(users)
-            if not users and self.running():
+            if not users and not self._pin_file.exists() and self.running():
                 self._pg_ctl("-m", "fast", "-w", "stop", timeout=60)
 
     def stop(self) -> None:
@@ -271,6 +280,7 @@ class EmbeddedServer:
             if self.running():
                 self._pg_ctl("-m", "fast", "-w", "stop", timeout=60)
             self._write_users([])
+            self._pin_file.unlink(missing_ok=True)
         self._joined = False
 
     def destroy(self) -> None:
