@@ -135,9 +135,13 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]).upper() or "SETTINGS"
+            loc = ".".join(str(p) for p in err["loc"]).upper()
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if not loc:  # a rule across several settings: its message names them
+                lines.append(msg)
+                continue
             name = loc if loc.startswith(("VRAMQ_", "DATABASE_URL", "ENABLE_SCHEDULER")) else f"VRAMQ_{loc}"
-            lines.append(f"{name}: {err['msg']}")
+            lines.append(f"{name}: {msg}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 

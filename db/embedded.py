@@ -111,6 +111,26 @@ class EmbeddedServer:
 
     # -- process helpers -------------------------------------------------------------------------
 
+    def _run_server_tool(self, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        """Run a server binary as the server's user, with that user's group only (keeping root's group
+        would make the group bits, not the other bits, decide access to every directory above)."""
+        user = self._run_as()
+        group = None
+        if user is not None:
+            import pwd
+
+            group = pwd.getpwnam(user).pw_gid
+        return subprocess.run(
+            args,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            user=user,
+            group=group,
+            extra_groups=[] if user is not None else None,
+        )
+
     def _run_as(self) -> str | None:
         """The system user the server runs as: ourselves, or a dedicated one when we are root."""
         if os.geteuid() != 0:
@@ -144,14 +164,7 @@ class EmbeddedServer:
                     parent.chmod(mode | 0o005)
 
     def _pg_ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(_bin("pg_ctl")), "-D", str(self.pgdata), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            user=self._run_as(),
-        )
+        return self._run_server_tool([str(_bin("pg_ctl")), "-D", str(self.pgdata), *args], timeout)
 
     def running(self) -> bool:
         pidfile = self.pgdata / "postmaster.pid"
@@ -168,7 +181,7 @@ class EmbeddedServer:
         self.pgdata.chmod(0o700)
         self._chown_for_server(self.pgdata)
         log.info("initialising embedded PostgreSQL in %s", self.pgdata)
-        res = subprocess.run(
+        res = self._run_server_tool(
             [
                 str(_bin("initdb")),
                 "-D",
@@ -179,11 +192,7 @@ class EmbeddedServer:
                 "-U",
                 "postgres",
             ],
-            capture_output=True,
-            text=True,
-            check=False,
             timeout=120,
-            user=self._run_as(),
         )
         if res.returncode != 0:
             raise ConfigError(f"initdb failed in {self.pgdata}:\n{res.stderr.strip()}")
