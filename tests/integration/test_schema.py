@@ -34,12 +34,7 @@ def test_migrated_schema_equals_metadata(empty_dsn: str) -> None:
     migrate.upgrade(empty_dsn)
     assert migrate.is_current(empty_dsn)
     assert _diff(empty_dsn) == []
-    assert _triggers(empty_dsn) == {
-        "jobs_audit_insert",
-        "jobs_audit_update",
-        "jobs_notify_insert",
-        "jobs_notify_update",
-    }
+    assert _triggers(empty_dsn) == {"jobs_inserted", "jobs_updated"}
 
 
 def test_downgrade_then_upgrade(empty_dsn: str) -> None:
@@ -53,7 +48,10 @@ def test_downgrade_then_upgrade(empty_dsn: str) -> None:
         assert left == []
     migrate.upgrade(empty_dsn)
     assert _diff(empty_dsn) == []
+    assert _triggers(empty_dsn) == {"jobs_inserted", "jobs_updated"}
+    migrate.downgrade(empty_dsn, "0001")
     assert len(_triggers(empty_dsn)) == 4
+    migrate.upgrade(empty_dsn)
 
 
 def test_jobs_table_is_tuned_for_churn(dsn: str) -> None:
