@@ -1,0 +1,2 @@
+-- enqueue: one job per transaction
+INSERT INTO jobs (payload) VALUES ('{"model": "noop"}');
