@@ -293,14 +293,18 @@ SET status = CASE
     lease_owner = NULL, lease_expires_at = NULL, worker = NULL, gpu = NULL
 """
 
+# The rescues read the old owner in a locked subquery: RETURNING sees only the new (NULL) one.
 # rescue_expired: any leader requeues (or fails, past max_attempts) jobs whose lease ran out: their
 # scheduler stopped extending, so it is gone or has fenced itself off.
 RESCUE_EXPIRED = (
     "UPDATE jobs j"
     + _RESCUE_SET.replace("$MSG", "'lease expired: its scheduler stopped renewing it'").replace("$NOW", "$1")
     + """
-WHERE j.status IN ('leased', 'running') AND j.lease_expires_at < coalesce($1::timestamptz, now())
-RETURNING j.id, j.status, j.attempts, j.lease_owner
+FROM (SELECT id, lease_owner FROM jobs
+      WHERE status IN ('leased', 'running') AND lease_expires_at < coalesce($1::timestamptz, now())
+      FOR UPDATE SKIP LOCKED) old
+WHERE j.id = old.id
+RETURNING j.id, j.status, j.attempts, old.lease_owner
 """
 )
 
@@ -309,8 +313,11 @@ RESCUE_TERMS = (
     "UPDATE jobs j"
     + _RESCUE_SET.replace("$MSG", "'its scheduler died'").replace("$NOW", "$2")
     + """
-WHERE j.status IN ('leased', 'running') AND j.lease_owner = ANY($1::bigint[])
-RETURNING j.id, j.status, j.attempts, j.lease_owner
+FROM (SELECT id, lease_owner FROM jobs
+      WHERE status IN ('leased', 'running') AND lease_owner = ANY($1::bigint[])
+      FOR UPDATE) old
+WHERE j.id = old.id
+RETURNING j.id, j.status, j.attempts, old.lease_owner
 """
 )
 
