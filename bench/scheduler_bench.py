@@ -97,7 +97,9 @@ class Bench:
         )
         return path
 
-    def start(self, dsn: str, name: str, max_workers: int, record: Path | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, dsn: str, name: str, max_workers: int, record: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMQ_")}
         env.update(
             VRAMQ_DATABASE_URL=dsn,
@@ -154,7 +156,9 @@ def _starts(record: Path) -> dict[str, float]:
 
 
 async def _warm(conn: Any, n: int) -> None:
-    ids = await q.enqueue_many(conn, [q.NewJob(feature="demo", model="demo.sleep", inputs={"seconds": 0.3}) for _ in range(n)])
+    ids = await q.enqueue_many(
+        conn, [q.NewJob(feature="demo", model="demo.sleep", inputs={"seconds": 0.3}) for _ in range(n)]
+    )
 
     async def done() -> bool:
         c = await conn.fetchval("SELECT count(*) FROM jobs WHERE id = ANY($1) AND status = 'succeeded'", ids)
@@ -173,7 +177,9 @@ async def dispatch(b: Bench, samples: int) -> dict[str, Any]:
         lat = []
         for _ in range(samples):
             t0 = time.time()
-            row, _ = await q.enqueue(conn, q.NewJob(feature="demo", model="demo.sleep", inputs={"seconds": 0}))
+            row, _ = await q.enqueue(
+                conn, q.NewJob(feature="demo", model="demo.sleep", inputs={"seconds": 0})
+            )
             jid = str(row["id"])
 
             async def started(jid: str = jid) -> float | None:
@@ -248,7 +254,9 @@ async def failover(b: Bench, kills: int) -> dict[str, Any]:
             )
             t0 = time.time()
             os.kill(lead["pid"], signal.SIGKILL)
-            row, _ = await q.enqueue(conn, q.NewJob(feature="demo", model="demo.sleep", inputs={"seconds": 0}))
+            row, _ = await q.enqueue(
+                conn, q.NewJob(feature="demo", model="demo.sleep", inputs={"seconds": 0})
+            )
             jid = str(row["id"])
 
             async def started(jid: str = jid) -> float | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import signal
@@ -10,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -129,7 +130,7 @@ def start_scheduler(dsn: str, data_dir: Path, log: Path, **env: str) -> Proc:
     return spawn([sys.executable, "-m", "scheduler"], base_env(dsn, data_dir, **env), log)
 
 
-@contextmanager
+@contextlib.contextmanager
 def processes() -> Iterator[list[Proc]]:
     """Collects started processes; on exit kills what is left (and their process groups)."""
     procs: list[Proc] = []
@@ -147,10 +148,8 @@ def processes() -> Iterator[list[Proc]]:
                 p.popen.kill()
                 p.popen.wait(5)
         for p in procs:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 def executions(record_dir: Path) -> list[dict[str, Any]]:
@@ -188,7 +187,7 @@ def overlapping(
     bad = []
     for rs in by_job.values():
         rs.sort(key=lambda r: r["start"])
-        for a, b in zip(rs, rs[1:], strict=False):
+        for a, b in itertools.pairwise(rs):
             a_end = a["end"] if a["end"] is not None else killed_at.get(a["pid"])
             if a_end is None or a_end > b["start"]:
                 bad.append((a, b))

@@ -659,6 +659,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=port,
             workers=args.workers if args.workers > 1 else None,
             log_level=args.log_level,
+            # Open SSE streams would otherwise hold a shutdown until their jobs end; clients reconnect.
+            timeout_graceful_shutdown=10,
         )
     except KeyboardInterrupt:
         pass  # Ctrl-C: the server has already shut down in order
