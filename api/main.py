@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import os
 import random
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -196,9 +198,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         exempt=(("POST", files.UPLOAD_PATH),),
     )
+    app.add_middleware(ReplicaHeaderMiddleware)
     for module in (jobs, files, models, system, health):
         app.include_router(module.router)
     return app
+
+
+class ReplicaHeaderMiddleware:
+    """Adds ``x-vramq-replica: <host>/<pid>`` to every response: which replica answered, for operators
+    checking a load balancer (and for tests that must reach every uvicorn worker)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.value = f"{socket.gethostname()}/{os.getpid()}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-vramq-replica", self.value)]
+            await send(message)
+
+        await self.app(scope, receive, tagged)
 
 
 app = create_app()
