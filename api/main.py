@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import os
 import random
@@ -30,6 +29,7 @@ from api.listener import JobListener
 from api.routes import files, health, jobs, models, system
 from core.registry import Registry
 from core.settings import Settings, get_settings
+from core.types import ConfigError
 from db import migrate
 from db.connect import create_pool
 from db.dsn import redacted
@@ -128,12 +128,18 @@ async def _keep_connecting(state: AppState, dsn: str) -> None:
 
 
 async def _start_scheduler(state: AppState, dsn: str) -> Any:
-    if importlib.util.find_spec("scheduler.service") is None:
-        log.error("scheduler candidate requested but scheduler.service is not available; API only")
-        return None
+    """Start this replica's scheduler candidate. With ENABLE_SCHEDULER=true a candidate that cannot
+    start (e.g. no GPU driver for VRAMQ_GPUS=nvml) fails start-up; with auto the replica serves the API
+    alone and says why."""
     from scheduler.service import SchedulerService
 
-    svc = SchedulerService(settings=state.settings, dsn=dsn, registry=state.registry)
+    try:
+        svc = SchedulerService(settings=state.settings, dsn=dsn, registry=state.registry)
+    except ConfigError as exc:
+        if state.settings.enable_scheduler == "true":
+            raise
+        log.error("no scheduler candidate in this replica (ENABLE_SCHEDULER=auto): %s", exc)
+        return None
     await svc.start()
     log.info("scheduler candidate started for pool %s", state.settings.pool)
     return svc
