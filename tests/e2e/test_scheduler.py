@@ -89,8 +89,11 @@ async def test_leader_failover_rescues_the_running_job(dsn: str, conn: asyncpg.C
         first = await wait_for(lambda: leader(conn, "p1"), timeout=30, what="a leader")
         assert first["pid"] in {p.pid for p in procs}
         # Exactly one leads: the other is blocked on the lock.
-        locks = await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
-        assert locks == 1
+        locks = await conn.fetch(
+            "SELECT l.classid, l.objid, l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+            "WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database()"
+        )
+        assert len(locks) == 1, [dict(r) for r in locks]
 
         created, _ = await q.enqueue(conn, submit(2.0))
         jid = created["id"]
