@@ -23,6 +23,13 @@ async def connect(dsn: str, *, connect_timeout_s: float = 10.0, **kwargs: Any) -
     return conn
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release hook. asyncpg's default sends a reset query (RESET ALL, UNLISTEN *, unlock all
+    advisory locks) every time a connection goes back to the pool: one more round trip per use. vramq
+    keeps no session state on pooled connections (LISTEN and the leader's lock use dedicated ones), and
+    asyncpg still rolls back any open transaction before calling this."""
+
+
 async def create_pool(
     dsn: str,
     *,
@@ -39,6 +46,7 @@ async def create_pool(
         timeout=connect_timeout_s,
         command_timeout=command_timeout,
         init=init_connection,
+        reset=_keep_session,
         **kwargs,
     )
     assert pool is not None
