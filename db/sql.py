@@ -346,6 +346,10 @@ LEADER_LOCK = "SELECT pg_advisory_lock(hashtext('vramq'), hashtext($1))"
 LEADER_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext('vramq'), hashtext($1))"
 LEADER_UNLOCK = "SELECT pg_advisory_unlock(hashtext('vramq'), hashtext($1))"
 
+# The leader's connections commit asynchronously (claims and renewals can be redone after a crash);
+# a transaction that records outcomes asks for the WAL flush.
+DURABLE_COMMIT = "SET LOCAL synchronous_commit TO on"
+
 # --------------------------------------------------------------------------------------------------
 # Scheduler terms.
 # --------------------------------------------------------------------------------------------------

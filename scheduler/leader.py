@@ -190,7 +190,14 @@ class Candidate:
                 max_size=4,
                 connect_timeout_s=self.settings.db_connect_timeout_s,
                 command_timeout=self.settings.db_command_timeout_s,
-                server_settings={"application_name": f"vramq-leader {self.settings.pool}"[:63]},
+                server_settings={
+                    "application_name": f"vramq-leader {self.settings.pool}"[:63],
+                    # Claims, starts, progress and lease renewals need not wait for the WAL flush: if
+                    # the server crashes before it, this leader loses its lock connection and stops
+                    # its workers, and the jobs are simply claimed again. Outcomes are made durable
+                    # per transaction (see Leader._flush); enqueues never go through this pool.
+                    "synchronous_commit": "off",
+                },
             )
             self.state = "leading"
             leader = Leader(

@@ -862,6 +862,9 @@ class Leader:
         assert self.term is not None
         term = self.term
         async with self.pool.acquire() as conn, conn.transaction():
+            if b.completes or b.fails or b.cancels:
+                # A job's outcome is what a client acts on: it must survive a server crash.
+                await conn.execute(sql.DURABLE_COMMIT)
             if b.starts:
                 await q.start_many(conn, term=term, started=b.starts)
             finishing = b.ids()
