@@ -46,7 +46,6 @@ from workers.protocol import (
     Progress,
     Ready,
     Run,
-    Started,
     Stop,
     one_line,
 )
@@ -197,15 +196,23 @@ class _Worker:
         output_dir = Path(msg.output_dir)
         job_id = msg.job_id
 
+        # A final 100% is held back: the job's outcome follows at once in most cases and implies it
+        # (the scheduler records progress 1 with the result), so it would only cost a message.
+        held: list[Progress] = []
+
         def send_progress(fraction: float, message: str) -> None:
-            self.send(Progress(job_id, fraction, message[:500]))
+            update = Progress(job_id, fraction, message[:500])
+            if fraction >= 1.0:
+                held[:] = [update]
+                return
+            held.clear()
+            self.send(update)
 
         ctx = Context(msg.job_id, msg.attempt, output_dir, self.device, send_progress=send_progress)
         with self.state_lock:
             self.current = ctx
             if job_id in self.cancelled_ids:
                 ctx.cancel()
-        self.send(Started(job_id))
         t0 = time.perf_counter()
         try:
             ctx.check_cancelled()

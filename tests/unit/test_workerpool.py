@@ -118,7 +118,8 @@ async def test_progress_reaches_the_callback(spawn: Spawn, tmp_path: Path) -> No
     result = await h.run("p", 1, {"seconds": 0.3, "steps": 3}, tmp_path, on_progress=seen.append)
     assert isinstance(result, Done)
     fractions = [p.fraction for p in seen]
-    assert fractions[-1] == 1.0 and fractions == sorted(fractions) and len(fractions) == 3
+    # Steps 1 and 2 of 3 are reported; the final 100% is implied by the outcome and not sent.
+    assert fractions == sorted(fractions) and len(fractions) == 2 and fractions[-1] < 1.0
     assert all(p.job_id == "p" for p in seen)
 
 
