@@ -144,6 +144,8 @@ SET status = 'leased',
     progress_at = NULL
 FROM picked p
 WHERE j.id = p.id AND j.status = 'queued'
+  -- A deposed leader that has not noticed yet claims nothing: a newer term of its pool exists.
+  AND NOT EXISTS (SELECT 1 FROM schedulers s WHERE s.pool = $5 AND s.term > $1)
 RETURNING {_CLAIM_COLUMNS}
 """
 
@@ -345,6 +347,9 @@ SELECT (SELECT count(*) FROM gone)::int AS n, (SELECT coalesce(array_agg(path), 
 LEADER_LOCK = "SELECT pg_advisory_lock(hashtext('vramq'), hashtext($1))"
 LEADER_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext('vramq'), hashtext($1))"
 LEADER_UNLOCK = "SELECT pg_advisory_unlock(hashtext('vramq'), hashtext($1))"
+# The server ends the lock session (and frees the lock) when its leader stops talking: a path that
+# stalls without closing (a proxy, a pooler, a frozen process) must not keep a pool leaderless.
+SESSION_IDLE_TIMEOUT = "SELECT set_config('idle_session_timeout', $1, false)"
 
 # The leader's connections commit asynchronously (claims and renewals can be redone after a crash);
 # a transaction that records outcomes asks for the WAL flush.

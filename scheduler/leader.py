@@ -117,6 +117,11 @@ async def connect_lock(dsn: str, settings: Settings) -> asyncpg.Connection:
         },
     )
     _set_client_keepalive(conn, settings)
+    if conn.get_server_version().major >= 14:
+        # The leader heartbeats every heartbeat_interval_s on this connection; a session idle for
+        # several intervals belongs to a leader that is gone or cut off.
+        idle_ms = int(max(5.0, 4 * settings.heartbeat_interval_s) * 1000)
+        await conn.fetchval(sql.SESSION_IDLE_TIMEOUT, str(idle_ms))
     return conn
 
 
@@ -197,6 +202,10 @@ class Candidate:
                     # its workers, and the jobs are simply claimed again. Outcomes are made durable
                     # per transaction (see Leader._flush); enqueues never go through this pool.
                     "synchronous_commit": "off",
+                    # A leader frozen inside a transaction must not hold job rows locked for ever.
+                    "idle_in_transaction_session_timeout": str(
+                        int(max(5.0, self.settings.lease_ttl_s / 2) * 1000)
+                    ),
                 },
             )
             self.state = "leading"
