@@ -698,6 +698,7 @@ class Leader:
             log.error("worker %s failed while loading: %r", handle.name, exc)
             return
         self.load_backoff.pop(model, None)
+        handle.grant_lease(self._last_lease_ok + self.s.lease_ttl_s * SELF_FENCE_FRACTION)
         measured = ready.vram_mb
         if measured is not None and measured > self.estimates.get(model, 0):
             log.info("model %s measured %d MB (declared %d MB)", model, measured, handle.spec.vram_mb)
@@ -917,6 +918,7 @@ class Leader:
                 async with asyncio.timeout(max(1.0, interval)):
                     ours = await q.extend_leases(self.pool, term=self.term, lease_ttl_s=self.s.lease_ttl_s)
                 self._last_lease_ok = started
+                self._grant_leases()
                 self._release_orphans(ours)
                 for job_id, active in list(self.active.items()):
                     if job_id not in ours and not active.lost:
@@ -932,6 +934,14 @@ class Leader:
                 self._lose(f"leases not renewed for {fence_after:.0f}s")
                 return
             await asyncio.sleep(max(0.05, min(interval, fence_after / 4)))
+
+    def _grant_leases(self) -> None:
+        """Workers fence themselves too: a job still running when the leader's self-fence deadline
+        passes without a renewal (the leader froze) makes its worker exit before the database lease
+        expires and the job is rescued elsewhere."""
+        until = self._last_lease_ok + self.s.lease_ttl_s * SELF_FENCE_FRACTION
+        for w in list(self.workers.values()):
+            w.grant_lease(until)
 
     def _release_orphans(self, ours: set[uuid.UUID]) -> None:
         """Jobs leased to us that nothing here runs (a claim whose answer was lost): give them back.

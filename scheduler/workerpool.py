@@ -76,6 +76,7 @@ from workers.protocol import (
     CancelledAck,
     Done,
     Failed,
+    Lease,
     LoadFailed,
     Progress,
     Ready,
@@ -391,6 +392,12 @@ class WorkerHandle:
         if self._stop_task is None:
             self._stop_task = asyncio.ensure_future(self._stop(grace_s, kill_after_s))
         return await asyncio.shield(self._stop_task)
+
+    def grant_lease(self, until: float) -> None:
+        """Tell the worker the scheduler's leases hold until ``until`` (``time.monotonic()``); a job still
+        running past it makes the worker exit (the self-fence of a frozen or cut-off scheduler)."""
+        if self._conn is not None and self.state in ("loading", "idle", "busy"):
+            self._send(Lease(until))
 
     def kill(self) -> None:
         """SIGKILL the worker now. A job in flight resolves to ``Crashed(cause="killed")``."""

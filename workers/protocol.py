@@ -57,7 +57,16 @@ class Stop:
     pass
 
 
-ToWorker = Run | Cancel | Stop
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The scheduler's leases are good until ``until`` (``time.monotonic()``, one clock per host). A
+    worker still running a job past it kills itself: a leader that froze (or lost the database) can no
+    longer stop its workers, and the job is about to be rescued and run elsewhere."""
+
+    until: float
+
+
+ToWorker = Run | Cancel | Stop | Lease
 
 
 # --- child -> parent -----------------------------------------------------------------------------

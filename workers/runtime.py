@@ -41,6 +41,7 @@ from workers.protocol import (
     CancelledAck,
     Done,
     Failed,
+    Lease,
     LoadFailed,
     OutputFile,
     Progress,
@@ -165,6 +166,20 @@ class _Worker:
         self.state_lock = threading.Lock()
         self.current: Context | None = None
         self.cancelled_ids: set[str] = set()
+        self.lease_until: float | None = None
+
+    def fence(self) -> None:
+        """Runs in a daemon thread: end the process if a job outlives the scheduler's lease."""
+        while True:
+            time.sleep(WATCHDOG_INTERVAL_S)
+            until = self.lease_until
+            if until is not None and self.current is not None and time.monotonic() > until:
+                print(
+                    f"vramq worker {self.model_id}: the scheduler's lease ran out during job "
+                    f"{self.current.job_id}; stopping so that it is not run twice at once",
+                    file=sys.stderr,
+                )
+                os._exit(75)
 
     def send(self, msg: object) -> None:
         with self.send_lock:
@@ -186,6 +201,8 @@ class _Worker:
                         self.current.cancel()
             elif isinstance(msg, Stop):
                 self.jobs.put(msg)
+            elif isinstance(msg, Lease):
+                self.lease_until = msg.until
             else:
                 print(
                     f"vramq worker {self.model_id}: ignoring unknown message {type(msg).__name__}",
@@ -276,6 +293,7 @@ def worker_main(conn: Connection, adapter_path: str, model_id: str, device: str,
     load_s = time.perf_counter() - t0
     worker.send(Ready(os.getpid(), device, _measure_vram_mb(adapter), load_s))
     threading.Thread(target=worker.read_loop, name="vramq-reader", daemon=True).start()
+    threading.Thread(target=worker.fence, name="vramq-fence", daemon=True).start()
     while True:
         msg = worker.jobs.get()
         if isinstance(msg, Stop):

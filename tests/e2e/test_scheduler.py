@@ -261,3 +261,32 @@ async def test_two_pools_share_one_database(dsn: str, conn: asyncpg.Connection, 
         )
         assert len(runs) == 40 and all(r["n"] == 1 for r in runs)
         assert overlapping(executions(env["rec"])) == []
+
+
+async def test_workers_of_a_frozen_leader_stop_before_its_leases_expire(
+    dsn: str, conn: asyncpg.Connection, env: Any
+) -> None:
+    with processes() as procs:
+        procs.append(sched(dsn, env, "a", ttl="4"))
+        leader_pid = procs[0].pid
+        created, _ = await q.enqueue(conn, submit(30.0))
+        jid = created["id"]
+        wpid = await wait_for(lambda: worker_pid_of(conn, "p1", jid), timeout=30, what="job on a worker")
+        row = await job(conn, jid)
+        os.kill(leader_pid, signal.SIGSTOP)
+        try:
+            # The worker fences itself at 0.6 x the lease TTL after the last renewal: before the lease
+            # expires, so a rescue elsewhere can never overlap with it.
+            await wait_for(
+                lambda: _async(pid_gone(wpid)), timeout=8, what="the frozen leader's worker to exit"
+            )
+            expires = (await job(conn, jid))["lease_expires_at"]
+            assert expires >= row["lease_expires_at"]
+            assert await conn.fetchval("SELECT now() < $1::timestamptz + interval '1 second'", expires)
+        finally:
+            os.kill(leader_pid, signal.SIGCONT)
+        # Once thawed, the leader notices its leases went stale, steps down, and the job runs again.
+        await conn.execute("UPDATE jobs SET inputs = '{\"seconds\": 0.2}' WHERE id = $1", jid)
+        done = await wait_for(lambda: _terminal(conn, jid), timeout=60, what="the job to run again")
+        assert done["status"] == "succeeded", done["error"]
+        assert done["attempts"] == 2
