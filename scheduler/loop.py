@@ -962,7 +962,9 @@ class Leader:
         interval = self.s.heartbeat_interval_s
         while True:
             try:
-                async with asyncio.timeout(max(2.0, interval * 2)):
+                # As long as the server's idle_session_timeout on this session: a slow answer under
+                # load is not a lost lock (a closed connection is noticed at once, not by this).
+                async with asyncio.timeout(max(5.0, interval * 4)):
                     alive = await q.heartbeat(self.lock_conn, term=self.term, snapshot=self.snapshot())
             except DB_ERRORS as exc:
                 self._lose(f"heartbeat on the lock connection failed: {exc!r}")

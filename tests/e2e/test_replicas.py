@@ -145,7 +145,8 @@ async def test_three_workers_one_leader_all_jobs_once(
         runs = await conn.fetch(
             "SELECT job_id, count(*) AS n FROM job_events WHERE to_status = 'running' GROUP BY job_id"
         )
-        assert len(runs) == len(ids) and all(r["n"] == 1 for r in runs)
+        twice = [r["job_id"] for r in runs if r["n"] != 1]
+        assert len(runs) == len(ids) and not twice, (twice, procs[0].output().splitlines()[-40:])
         assert await conn.fetchval("SELECT max(attempts) FROM jobs") == 1
 
         for statuses in await asyncio.wait_for(watched, 60):
