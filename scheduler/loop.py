@@ -905,26 +905,38 @@ class Leader:
         fence_after = self.s.lease_ttl_s * SELF_FENCE_FRACTION
         while True:
             started = time.monotonic()
+            # Only jobs that were ours before the statement ran can be judged by its answer: one
+            # claimed while it ran is missing from it without having been taken from us.
+            before = set(self.active)
+            held_before = self._held_ids()
             try:
                 async with asyncio.timeout(max(1.0, interval)):
                     ours = await q.extend_leases(self.pool, term=self.term, lease_ttl_s=self.s.lease_ttl_s)
                 self._last_lease_ok = started
                 self._grant_leases()
                 self._release_orphans(ours)
-                for job_id, active in list(self.active.items()):
-                    if job_id not in ours and not active.lost:
+                for job_id in before - ours:
+                    active = self.active.get(job_id)
+                    if active is not None and not active.lost:
                         # Taken from us (expired and rescued elsewhere): stop running it now.
                         log.error(
                             "job %s is no longer leased to term %s; stopping its worker", job_id, self.term
                         )
                         active.lost = True
                         active.worker.kill()
+                gone = held_before - ours
+                if gone:
+                    for model, queue in self.backlog.items():
+                        self.backlog[model] = collections.deque(x for x in queue if x[0]["id"] not in gone)
             except DB_ERRORS as exc:
                 log.warning("lease renewal failed: %s", exc)
             if time.monotonic() - self._last_lease_ok > fence_after:
                 self._lose(f"leases not renewed for {fence_after:.0f}s")
                 return
             await asyncio.sleep(max(0.05, min(interval, fence_after / 4)))
+
+    def _held_ids(self) -> set[uuid.UUID]:
+        return {r["id"] for queue in self.backlog.values() for r, _ in queue}
 
     def _grant_leases(self) -> None:
         """Workers fence themselves too: a job still running when the leader's self-fence deadline
@@ -937,7 +949,7 @@ class Leader:
     def _release_orphans(self, ours: set[uuid.UUID]) -> None:
         """Jobs leased to us that nothing here runs (a claim whose answer was lost): give them back.
         Only after two renewals in a row saw them, so a dispatch or a write in flight is never hit."""
-        held = {r["id"] for queue in self.backlog.values() for r, _ in queue}
+        held = self._held_ids()
         writing = self._pending.ids() | self._inflight.ids()
         orphans = ours - set(self.active) - self._claiming - writing - held
         again = orphans & self._orphans
