@@ -127,7 +127,7 @@ class AppState:
         self._auth_cache[secret_hash] = (principal, time.monotonic() + AUTH_CACHE_TTL_S)
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state = getattr(request.app.state, "vramq", None)
     if not isinstance(state, AppState):
         raise DatabaseUnavailable("the service is starting; try again shortly")
@@ -137,19 +137,19 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_db(state: StateDep) -> Database:
+async def get_db(state: StateDep) -> Database:
     return state.db
 
 
-def get_settings(state: StateDep) -> Settings:
+async def get_settings(state: StateDep) -> Settings:
     return state.settings
 
 
-def get_registry(state: StateDep) -> Registry:
+async def get_registry(state: StateDep) -> Registry:
     return state.registry
 
 
-def get_listener(state: StateDep) -> JobListener:
+async def get_listener(state: StateDep) -> JobListener:
     return state.listener
 
 

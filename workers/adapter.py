@@ -92,7 +92,7 @@ class Context:
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
-        self.output_dir = output_dir
+        self._output_dir = output_dir
         self.device = device
         self._send = send_progress
         self._cancel = cancel_event if cancel_event is not None else threading.Event()
@@ -111,6 +111,13 @@ class Context:
                 return
             self._last_sent = now
         self._send(fraction, message)
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the job writes its output files; created on first use (most jobs of a load test write
+        nothing, and a directory per job would be left behind for nothing)."""
+        self._output_dir.mkdir(parents=True, exist_ok=True)
+        return self._output_dir
 
     @property
     def cancelled(self) -> bool:

@@ -147,11 +147,11 @@ def list_outputs(output_dir: Path) -> list[OutputFile]:
 
 
 def _prepare_output_dir(output_dir: Path) -> None:
+    """Remove what an earlier attempt left; the context creates the directory when the job uses it."""
     if output_dir.is_symlink() or output_dir.is_file():
         output_dir.unlink()
     elif output_dir.exists():
         shutil.rmtree(output_dir)  # a previous attempt's partial outputs must not leak into this one
-    output_dir.mkdir(parents=True)
 
 
 class _Worker:
