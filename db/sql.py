@@ -351,10 +351,6 @@ LEADER_UNLOCK = "SELECT pg_advisory_unlock(hashtext('vramq'), hashtext($1))"
 # stalls without closing (a proxy, a pooler, a frozen process) must not keep a pool leaderless.
 SESSION_IDLE_TIMEOUT = "SELECT set_config('idle_session_timeout', $1, false)"
 
-# The leader's connections commit asynchronously (claims and renewals can be redone after a crash);
-# a transaction that records outcomes asks for the WAL flush.
-DURABLE_COMMIT = "SET LOCAL synchronous_commit TO on"
-
 # --------------------------------------------------------------------------------------------------
 # Scheduler terms.
 # --------------------------------------------------------------------------------------------------

@@ -185,10 +185,13 @@ class Candidate:
         self.state = "connecting"
         lock_conn = await connect_lock(self.dsn, self.settings)
         pool: asyncpg.Pool | None = None
+        outcomes: asyncpg.Pool | None = None
         try:
             self.state = "waiting"
             if not await self._acquire(lock_conn):
                 return  # stop requested while waiting
+            idle_tx_ms = str(int(max(5.0, self.settings.lease_ttl_s / 2) * 1000))
+            name = f"vramq-leader {self.settings.pool}"[:63]
             pool = await create_pool(
                 self.dsn,
                 min_size=2,
@@ -196,16 +199,25 @@ class Candidate:
                 connect_timeout_s=self.settings.db_connect_timeout_s,
                 command_timeout=self.settings.db_command_timeout_s,
                 server_settings={
-                    "application_name": f"vramq-leader {self.settings.pool}"[:63],
+                    "application_name": name,
                     # Claims, starts, progress and lease renewals need not wait for the WAL flush: if
                     # the server crashes before it, this leader loses its lock connection and stops
-                    # its workers, and the jobs are simply claimed again. Outcomes are made durable
-                    # per transaction (see Leader._flush); enqueues never go through this pool.
+                    # its workers, and the jobs are simply claimed again.
                     "synchronous_commit": "off",
                     # A leader frozen inside a transaction must not hold job rows locked for ever.
-                    "idle_in_transaction_session_timeout": str(
-                        int(max(5.0, self.settings.lease_ttl_s / 2) * 1000)
-                    ),
+                    "idle_in_transaction_session_timeout": idle_tx_ms,
+                },
+            )
+            # Job outcomes (succeeded, failed, cancelled) are what clients act on: durable commits.
+            outcomes = await create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=2,
+                connect_timeout_s=self.settings.db_connect_timeout_s,
+                command_timeout=self.settings.db_command_timeout_s,
+                server_settings={
+                    "application_name": name,
+                    "idle_in_transaction_session_timeout": idle_tx_ms,
                 },
             )
             self.state = "leading"
@@ -215,6 +227,7 @@ class Candidate:
                 probe=self.probe,
                 lock_conn=lock_conn,
                 pool=pool,
+                outcomes=outcomes,
                 host=socket.gethostname(),
                 host_key=host_key(),
                 own_terms=self.terms_led,
@@ -228,10 +241,11 @@ class Candidate:
                     self.terms_led.append(leader.term)
         finally:
             self.state = "connecting"
-            if pool is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(pool.close(), 5)
-                pool.terminate()
+            for p in (pool, outcomes):
+                if p is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(p.close(), 5)
+                    p.terminate()
             await self._close_lock(lock_conn)
 
     async def _acquire(self, lock_conn: asyncpg.Connection) -> bool:

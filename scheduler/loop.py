@@ -115,6 +115,7 @@ class Leader:
         probe: GpuProbe,
         lock_conn: asyncpg.Connection,
         pool: asyncpg.Pool,
+        outcomes: asyncpg.Pool | None = None,
         host: str,
         host_key: str,
         own_terms: list[int] | None = None,
@@ -123,7 +124,8 @@ class Leader:
         self.registry = registry
         self.probe = probe
         self.lock_conn = lock_conn
-        self.pool = pool
+        self.pool = pool  # commits asynchronously: claims, starts, progress, renewals
+        self.outcomes = outcomes if outcomes is not None else pool  # durable commits: job outcomes
         self.host = host
         self.host_key = host_key
         self.own_terms = list(own_terms or [])
@@ -851,39 +853,45 @@ class Leader:
         p.releases[:0] = batch.releases
 
     async def _flush(self, b: _Pending) -> None:
+        """Write one batch, in the order of the state machine, one statement per kind of write.
+
+        Every statement is fenced on the term and idempotent, so a batch that failed half-way is simply
+        written again. Starts and progress go through the asynchronously committing pool; outcomes
+        through the durable one, since a job's outcome is what a client acts on.
+        """
         assert self.term is not None
         term = self.term
-        async with self.pool.acquire() as conn, conn.transaction():
-            if b.completes or b.fails or b.cancels:
-                # A job's outcome is what a client acts on: it must survive a server crash.
-                await conn.execute(sql.DURABLE_COMMIT)
-            if b.starts:
-                await q.start_many(conn, term=term, started=b.starts)
-            finishing = b.ids()
-            for job_id, (fraction, message) in b.progress.items():
-                if job_id in finishing:
-                    continue  # its final state is written below; a progress row would be noise
-                await q.progress(
-                    conn,
-                    term=term,
-                    job_id=job_id,
-                    fraction=fraction,
-                    message=message or None,
-                    min_interval_s=0.0,
-                )
-            if b.completes:
-                await q.complete_many(conn, term=term, results=b.completes, outputs=b.outputs)
-            if b.fails:
-                await q.fail_many(
-                    conn,
-                    term=term,
-                    failures=b.fails,
-                    backoff=q.Backoff(self.s.backoff_base_s, self.s.backoff_max_s),
-                )
-            for job_id in b.cancels:
-                await q.mark_cancelled(conn, term=term, job_id=job_id)
-            if b.releases:
-                await q.release(conn, term=term, job_ids=b.releases, reason="its scheduler stopped")
+        if b.starts:
+            await q.start_many(self.pool, term=term, started=b.starts)
+        finishing = b.ids()
+        for job_id, (fraction, message) in b.progress.items():
+            if job_id in finishing:
+                continue  # its final state is written below; a progress row would be noise
+            await q.progress(
+                self.pool,
+                term=term,
+                job_id=job_id,
+                fraction=fraction,
+                message=message or None,
+                min_interval_s=0.0,
+            )
+        if b.completes:
+            if b.outputs:
+                async with self.outcomes.acquire() as conn, conn.transaction():
+                    await q.complete_many(conn, term=term, results=b.completes, outputs=b.outputs)
+            else:
+                await q.complete_many(self.outcomes, term=term, results=b.completes)
+        if b.fails:
+            await q.fail_many(
+                self.outcomes,
+                term=term,
+                failures=b.fails,
+                backoff=q.Backoff(self.s.backoff_base_s, self.s.backoff_max_s),
+            )
+        for job_id in b.cancels:
+            await q.mark_cancelled(self.outcomes, term=term, job_id=job_id)
+        if b.releases:
+            await q.release(self.outcomes, term=term, job_ids=b.releases, reason="its scheduler stopped")
 
     async def _flush_until_empty(self, limit_s: float) -> None:
         deadline = time.monotonic() + limit_s
