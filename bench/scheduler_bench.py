@@ -308,7 +308,7 @@ async def main() -> None:
         server = EmbeddedServer(ROOT / ".vramq-bench")
         server.start()
         admin = server.dsn("postgres")
-    results = []
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vramq-bench-") as tmp:
         b = Bench(admin, Path(tmp))
         try:

@@ -29,7 +29,7 @@ RAW_FOR = {
     "enqueue_bulk": [("insert", 8)],
     "drain": [("lifecycle", 1), ("lifecycle", 8), ("lifecycle_batch", 1), ("lifecycle_batch", 8)],
 }
-PREFERRED = ["vramq", "pgqueuer", "procrastinate", "arq", "celery"]
+PREFERRED = ["vramq", "vramq-http", "pgqueuer", "procrastinate", "arq", "celery"]
 
 
 def _fmt(x: float | None) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every peer runner and the raw-SQL limit once per workload into one JSON-lines file,
+# Run every peer runner, vramq's runner and the raw-SQL limit once per workload into one JSON-lines file,
 # then print the comparison table.
 #   bench/peers/run_all.sh [results.jsonl] [--repeat N]
 set -uo pipefail
@@ -20,6 +20,11 @@ run "$bench/.venv-peers/bin/python" "$here/pgqueuer_bench.py"
 run "$bench/.venv-peers/bin/python" "$here/procrastinate_bench.py"
 run "$bench/.venv-peers/bin/python" "$here/arq_bench.py"
 run "$bench/.venv-celery/bin/python" "$here/celery_bench.py"
+# vramq itself, when the project's environment exists (make install)
+root="$(dirname "$bench")"
+if [[ -x "$root/.venv/bin/python" ]]; then
+    PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" run "$root/.venv/bin/python" -m bench.vramq_bench
+fi
 EXTRA_ARGS=()
 run python3 "$bench/raw_sql/run.py"
 
