@@ -751,6 +751,9 @@ async def test_prune_deletes_only_old_terminal_jobs(conn: asyncpg.Connection) ->
 
 async def test_terms(conn: asyncpg.Connection) -> None:
     first = await q.open_term(conn, pool=POOL, host="h1", pid=1, snapshot={"gpus": []}, now=T0)
+    # The first term holds a job (claimed before a newer term of the pool exists, which fences it).
+    job_id = await add(conn)
+    await take(conn, first)
     second = await q.open_term(conn, pool=POOL, host="h2", pid=2)
     elsewhere = await q.open_term(conn, pool="other", host="h3", pid=3)
     assert first < second < elsewhere
@@ -758,9 +761,7 @@ async def test_terms(conn: asyncpg.Connection) -> None:
     row = await conn.fetchrow("SELECT heartbeat_at, snapshot FROM schedulers WHERE term = $1", first)
     assert row["heartbeat_at"] == at(5) and row["snapshot"] == {"gpus": [1]}
 
-    # The first term holds a job; the second one ended cleanly.
-    job_id = await add(conn)
-    await take(conn, first)
+    # The second term ended cleanly.
     await q.end_term(conn, term=second)
     assert not await q.heartbeat(conn, term=second, snapshot={})
     third = await new_term(conn)

@@ -33,8 +33,11 @@ async def _claim_until_empty(
 ) -> list[uuid.UUID]:
     """Claim batches until nothing is queued any more; optionally complete each batch at once."""
     got: list[uuid.UUID] = []
+    # Each claimer leads a pool of its own (a newer term of the same pool would fence the older ones
+    # off); the jobs name no pool, so every pool may take them.
+    pool = await conn.fetchval("SELECT pool FROM schedulers WHERE term = $1", term)
     while True:
-        rows = await q.claim(conn, term=term, wants=wants, pool=POOL, lease_ttl_s=300)
+        rows = await q.claim(conn, term=term, wants=wants, pool=pool, lease_ttl_s=300)
         if rows:
             ids = [r["id"] for r in rows]
             got.extend(ids)
@@ -82,7 +85,7 @@ async def test_processes_claim_every_job_exactly_once(conn: asyncpg.Connection, 
         await q.enqueue_many(
             conn, [q.NewJob(feature="f", model="m1", inputs={"i": i}) for i in range(start, start + 2_000)]
         )
-    terms = [await q.open_term(conn, pool=POOL, host="h", pid=1000 + i) for i in range(procs_n)]
+    terms = [await q.open_term(conn, pool=f"{POOL}-{i}", host="h", pid=1000 + i) for i in range(procs_n)]
     procs = [await _spawn_claimer(dsn, t, batch) for t in terms]
     try:
         for p in procs:
@@ -126,7 +129,7 @@ async def test_concurrent_claimers_completing_as_they_go(conn: asyncpg.Connectio
     wants = [q.Want("m1", "f", 20), q.Want("m2", "f", 20)]
     conns = [await connect(dsn) for _ in range(8)]
     try:
-        terms = [await q.open_term(c, pool=POOL, host="h", pid=i) for i, c in enumerate(conns)]
+        terms = [await q.open_term(c, pool=f"{POOL}-{i}", host="h", pid=i) for i, c in enumerate(conns)]
         go = asyncio.Event()
 
         async def worker(c: asyncpg.Connection, term: int) -> list[uuid.UUID]:
@@ -157,7 +160,7 @@ async def test_cancel_racing_claims_has_one_outcome(conn: asyncpg.Connection, ds
     ids = await q.enqueue_many(conn, [q.NewJob(feature="f", model="m1") for _ in range(400)])
     conns = [await connect(dsn) for _ in range(5)]
     try:
-        terms = [await q.open_term(c, pool=POOL, host="h", pid=i) for i, c in enumerate(conns[:4])]
+        terms = [await q.open_term(c, pool=f"{POOL}-{i}", host="h", pid=i) for i, c in enumerate(conns[:4])]
         go = asyncio.Event()
 
         async def claimer(c: asyncpg.Connection, term: int) -> list[uuid.UUID]:
