@@ -200,3 +200,48 @@ def pid_gone(pid: int) -> bool:
         return p.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_api(env: dict[str, str], log: Path, *extra_args: str) -> tuple[Proc, str]:
+    """``uvicorn api.main:app`` on a free port, waited on until ``/readyz`` answers 200 (sync: for
+    fixtures). Returns the process and its base URL; the caller stops it."""
+    import httpx
+
+    port = free_port()
+    proc = spawn(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *extra_args,
+        ],
+        env,
+        log,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"uvicorn exited:\n{proc.output()[-3000:]}")
+        try:
+            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"uvicorn did not become ready:\n{proc.output()[-3000:]}")
+        time.sleep(0.05)

@@ -9,11 +9,6 @@ from the migrated test template.
 from __future__ import annotations
 
 import os
-import select
-import signal
-import socket
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +24,7 @@ from schemathesis.checks import not_a_server_error, response_schema_conformance
 from api.main import create_app
 from core.settings import Settings
 from db.dsn import with_database
+from tests.procs import start_api
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_EXAMPLES = 30
@@ -40,9 +36,6 @@ def fuzz_server(pg_server: str, template_db: str, tmp_path_factory: pytest.TempP
     with psycopg.connect(pg_server, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     tmp = tmp_path_factory.mktemp("fuzz")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {
         **os.environ,
         "VRAMQ_DATABASE_URL": with_database(pg_server, name),
@@ -51,39 +44,14 @@ def fuzz_server(pg_server: str, template_db: str, tmp_path_factory: pytest.TempP
         "VRAMQ_AUTH": "disabled",
         "VRAMQ_MAX_UPLOAD_BYTES": str(1024 * 1024),
     }
-    log = open(tmp / "uvicorn.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_api(env, tmp / "uvicorn.log")
     try:
-        for _ in range(300):
-            if proc.poll() is not None:
-                raise AssertionError((tmp / "uvicorn.log").read_text())
-            try:
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            select.select([], [], [], 0.05)
-        else:
-            raise AssertionError("uvicorn did not become ready")
         # Something to find: a job and an upload, so reads by id do not all miss.
         httpx.post(base + "/api/v1/jobs", json={"model": "demo.sleep", "inputs": {"seconds": 1}})
         httpx.post(base + "/api/v1/files", files={"file": ("a.obj", b"v 0 0 0\n")})
         yield base
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        proc.stop(timeout=20)
         output = (tmp / "uvicorn.log").read_text()
         with psycopg.connect(pg_server, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,15 +14,9 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.procs import base_env, models_file, processes, spawn, wait_for
+from tests.procs import base_env, free_port, models_file, processes, spawn, wait_for
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fresh_client(base: str) -> httpx.AsyncClient:

@@ -9,8 +9,6 @@ import os
 import select
 import signal
 import socket
-import subprocess
-import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,21 +19,14 @@ import pytest
 from db import queue
 from db.connect import connect
 from tests.integration.test_api_support import bearer, create_key
+from tests.procs import start_api
 
 ROOT = Path(__file__).resolve().parents[2]
 UPLOAD_LIMIT = 256 * 1024
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def server(dsn: str, tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
     env = {
         **os.environ,
         "VRAMQ_DATABASE_URL": dsn,
@@ -45,39 +36,19 @@ def server(dsn: str, tmp_path: Path) -> Iterator[str]:
         "VRAMQ_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
         "VRAMQ_SSE_POLL_INTERVAL_S": "30",
     }
-    log = open(tmp_path / "uvicorn.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_api(env, tmp_path / "uvicorn.log")
     try:
-        for _ in range(300):
-            if proc.poll() is not None:
-                raise AssertionError((tmp_path / "uvicorn.log").read_text())
-            try:
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            select.select([], [], [], 0.05)
-        else:
-            raise AssertionError("uvicorn did not become ready")
         yield base
-        proc.send_signal(signal.SIGTERM)
+        proc.popen.send_signal(signal.SIGTERM)
         # uvicorn re-raises the signal once it has shut down cleanly.
-        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        assert proc.popen.wait(timeout=20) in (0, -signal.SIGTERM)
         output = (tmp_path / "uvicorn.log").read_text()
         assert "Application shutdown complete" in output, output
         assert "Traceback" not in output, output
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+        if proc.popen.poll() is None:
+            proc.popen.kill()
+            proc.popen.wait()
 
 
 async def test_submit_follow_and_finish(server: str, dsn: str) -> None:
