@@ -183,7 +183,7 @@ RETURNING id
 # complete_many: running/leased -> succeeded, fenced on the term.
 COMPLETE_MANY = """
 UPDATE jobs j
-SET status = 'succeeded', result = d.result, progress = 1, error = NULL,
+SET status = 'succeeded', result = d.result, progress = 1, progress_message = NULL, error = NULL,
     finished_at = coalesce($4::timestamptz, now()), lease_expires_at = NULL
 FROM unnest($2::uuid[], $3::jsonb[]) AS d(id, result)
 WHERE j.id = d.id AND j.lease_owner = $1 AND j.status IN ('leased', 'running')
