@@ -741,3 +741,90 @@ def redis_url_with_db(url: str, db: int) -> str:
     if parts.path.strip("/"):
         return url
     return urllib.parse.urlunsplit(parts._replace(path=f"/{db}"))
+
+
+# --------------------------------------------------------------------------------------
+# The part every runner shares: one workload against a client, and the workload x repeat loop
+# --------------------------------------------------------------------------------------
+
+
+async def run_workload(
+    workload: str,
+    args: argparse.Namespace,
+    rdir: Path,
+    params: dict[str, Any],
+    *,
+    enqueue_one: Callable[[int], Any],
+    enqueue_many: Callable[[Sequence[int]], Any] | None,
+    spawn: Callable[[], Worker],
+    worker_params: dict[str, Any],
+    bulk_client: str | None = None,
+) -> tuple[float | None, dict[str, Any], dict[str, Any]]:
+    """Run one of WORKLOADS the same way for every system; returns (value, extra, params).
+
+    ``enqueue_many`` None means the system has no bulk API: drain then preloads one job at a time.
+    ``spawn`` starts the system's worker process (a context manager).
+    """
+    n = jobs_for(args, workload)
+    params = {"jobs": n, **params}
+    if workload == "enqueue":
+        value, extra = await measure_enqueue(enqueue_one, n)
+        return value, extra, params
+    if workload == "enqueue_bulk":
+        if enqueue_many is None:
+            raise BenchError("no bulk enqueue API")
+        params["batch"] = args.batch
+        if bulk_client:
+            params["client"] = bulk_client
+        value, extra = await measure_enqueue_bulk(enqueue_many, n, args.batch)
+        return value, extra, params
+    params.update(worker_params)
+    params["worker_processes"] = 1
+    reader = RecordReader(rdir)
+    if workload == "drain":
+        if enqueue_many is None:
+            pre = await preload(enqueue_one, None, n)
+        else:
+            pre = await preload(None, enqueue_many, n)
+        with spawn() as w:
+            value, extra = await measure_drain(reader, n, w)
+        extra["preload_s"] = pre
+        if enqueue_many is None:
+            extra["preload"] = "one at a time (no bulk API)"
+        return value, extra, params
+    if workload == "pickup":
+        params["rate"] = args.rate
+        with spawn() as w:
+            warm = await warm_up(enqueue_one, reader, w)
+            value, extra = await measure_pickup(enqueue_one, reader, w, rate=args.rate, n=n)
+        extra["warm_up_s"] = warm
+        return value, extra, params
+    raise ValueError(workload)
+
+
+def run_all(
+    system: str,
+    args: argparse.Namespace,
+    run_one: Callable[[str, int], tuple[float | None, dict[str, Any], dict[str, Any], dict[str, Any]]],
+    *,
+    unsupported: Sequence[str] = (),
+) -> int:
+    """Every requested workload ``args.repeat`` times: ``run_one(workload, repeat)`` returns (value,
+    extra, params, run info); each becomes a result line. Returns the exit code (1 if any failed)."""
+    rc = 0
+    for workload in args.workload or list(WORKLOADS):
+        if workload in unsupported:
+            print(f"{system}: {workload} is not supported, skipped", file=sys.stderr)
+            continue
+        for rep in range(args.repeat):
+            try:
+                value, extra, params, run = run_one(workload, rep)
+            except BenchError as exc:
+                print(f"{system} {workload}: FAILED: {exc}", file=sys.stderr)
+                rc = 1
+                continue
+            write_result(
+                args.out,
+                make_result(system, workload, value, UNITS[workload], params=params, extra=extra, run=run),
+            )
+    return rc

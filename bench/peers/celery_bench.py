@@ -109,9 +109,7 @@ def _spawn(url: str, rdir: Path) -> common.Worker:
 
 
 async def _run(workload: str, url: str, args, rdir: Path) -> tuple[float | None, dict, dict]:
-    n = common.jobs_for(args, workload)
     params: dict = {
-        "jobs": n,
         "version": _version(),
         "client": "task.apply_async",
         "redis_db": url.rsplit("/", 1)[-1],
@@ -120,32 +118,17 @@ async def _run(workload: str, url: str, args, rdir: Path) -> tuple[float | None,
     c.reset()
     c.enqueue_one(common.PROBE)  # open the broker connection outside the timed loop
     c.reset()
-    if workload == "enqueue":
-        value, extra = await common.measure_enqueue(c.enqueue_one, n)
-        return value, extra, params
-    if workload == "enqueue_bulk":
-        params["batch"] = args.batch
-        params["client"] = "group(...).apply_async"
-        value, extra = await common.measure_enqueue_bulk(c.enqueue_many, n, args.batch)
-        return value, extra, params
-    params.update(WORKER_CONFIG)
-    params["worker_processes"] = 1
-    if workload == "drain":
-        pre = await common.preload(None, c.enqueue_many, n)
-        reader = common.RecordReader(rdir)
-        with _spawn(url, rdir) as w:
-            value, extra = await common.measure_drain(reader, n, w)
-        extra["preload_s"] = pre
-        return value, extra, params
-    if workload == "pickup":
-        params["rate"] = args.rate
-        reader = common.RecordReader(rdir)
-        with _spawn(url, rdir) as w:
-            warm = await common.warm_up(c.enqueue_one, reader, w)
-            value, extra = await common.measure_pickup(c.enqueue_one, reader, w, rate=args.rate, n=n)
-        extra["warm_up_s"] = warm
-        return value, extra, params
-    raise ValueError(workload)
+    return await common.run_workload(
+        workload,
+        args,
+        rdir,
+        params,
+        enqueue_one=c.enqueue_one,
+        enqueue_many=c.enqueue_many,
+        spawn=lambda: _spawn(url, rdir),
+        worker_params=WORKER_CONFIG,
+        bulk_client="group(...).apply_async",
+    )
 
 
 def _redis_version(url: str) -> str:
@@ -167,24 +150,13 @@ def main() -> int:
     if args.worker:
         _worker(url, json.loads(args.worker_config))
         return 0
-    rc = 0
-    for workload in args.workload or list(common.WORKLOADS):
-        for rep in range(args.repeat):
-            try:
-                with common.record_dir(SYSTEM) as rdir:
-                    value, extra, params = asyncio.run(_run(workload, url, args, rdir))
-            except common.BenchError as exc:
-                print(f"{SYSTEM} {workload}: FAILED: {exc}", file=sys.stderr)
-                rc = 1
-                continue
-            run = common.run_info(rep, redis={"version": _redis_version(url)})
-            common.write_result(
-                args.out,
-                common.make_result(
-                    SYSTEM, workload, value, common.UNITS[workload], params=params, extra=extra, run=run
-                ),
-            )
-    return rc
+
+    def run_one(workload: str, rep: int) -> tuple[float | None, dict, dict, dict]:
+        with common.record_dir(SYSTEM) as rdir:
+            value, extra, params = asyncio.run(_run(workload, url, args, rdir))
+        return value, extra, params, common.run_info(rep, redis={"version": _redis_version(url)})
+
+    return common.run_all(SYSTEM, args, run_one)
 
 
 if __name__ == "__main__":

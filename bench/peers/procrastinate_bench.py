@@ -110,35 +110,19 @@ def _spawn(dsn: str, rdir: Path) -> common.Worker:
 
 
 async def _run(workload: str, dsn: str, args, rdir: Path) -> tuple[float | None, dict, dict]:
-    n = common.jobs_for(args, workload)
-    params: dict = {"jobs": n, "version": _version(), "client": "psycopg, pool of 1"}
+    params: dict = {"version": _version(), "client": "psycopg, pool of 1"}
     async with Client(dsn) as c:
         await c.install()
-        if workload == "enqueue":
-            value, extra = await common.measure_enqueue(c.enqueue_one, n)
-            return value, extra, params
-        if workload == "enqueue_bulk":
-            params["batch"] = args.batch
-            value, extra = await common.measure_enqueue_bulk(c.enqueue_many, n, args.batch)
-            return value, extra, params
-        params.update(WORKER_CONFIG)
-        params["worker_processes"] = 1
-        if workload == "drain":
-            pre = await common.preload(None, c.enqueue_many, n)
-            reader = common.RecordReader(rdir)
-            with _spawn(dsn, rdir) as w:
-                value, extra = await common.measure_drain(reader, n, w)
-            extra["preload_s"] = pre
-            return value, extra, params
-        if workload == "pickup":
-            params["rate"] = args.rate
-            reader = common.RecordReader(rdir)
-            with _spawn(dsn, rdir) as w:
-                warm = await common.warm_up(c.enqueue_one, reader, w)
-                value, extra = await common.measure_pickup(c.enqueue_one, reader, w, rate=args.rate, n=n)
-            extra["warm_up_s"] = warm
-            return value, extra, params
-    raise ValueError(workload)
+        return await common.run_workload(
+            workload,
+            args,
+            rdir,
+            params,
+            enqueue_one=c.enqueue_one,
+            enqueue_many=c.enqueue_many,
+            spawn=lambda: _spawn(dsn, rdir),
+            worker_params=WORKER_CONFIG,
+        )
 
 
 def main() -> int:
@@ -149,28 +133,16 @@ def main() -> int:
     if args.worker:
         asyncio.run(_worker(args.dsn, json.loads(args.worker_config)))
         return 0
-    rc = 0
-    for workload in args.workload or list(common.WORKLOADS):
-        for rep in range(args.repeat):
-            name = common.db_name(SYSTEM, workload)
-            try:
-                with (
-                    common.fresh_db(args.dsn, name, keep=args.keep_db) as dsn,
-                    common.record_dir(SYSTEM) as rdir,
-                ):
-                    value, extra, params = asyncio.run(_run(workload, dsn, args, rdir))
-                    run = common.run_info(rep, postgres=common.pg_server_info(dsn))
-            except common.BenchError as exc:
-                print(f"{SYSTEM} {workload}: FAILED: {exc}", file=sys.stderr)
-                rc = 1
-                continue
-            common.write_result(
-                args.out,
-                common.make_result(
-                    SYSTEM, workload, value, common.UNITS[workload], params=params, extra=extra, run=run
-                ),
-            )
-    return rc
+
+    def run_one(workload: str, rep: int) -> tuple[float | None, dict, dict, dict]:
+        with (
+            common.fresh_db(args.dsn, common.db_name(SYSTEM, workload), keep=args.keep_db) as dsn,
+            common.record_dir(SYSTEM) as rdir,
+        ):
+            value, extra, params = asyncio.run(_run(workload, dsn, args, rdir))
+            return value, extra, params, common.run_info(rep, postgres=common.pg_server_info(dsn))
+
+    return common.run_all(SYSTEM, args, run_one)
 
 
 if __name__ == "__main__":
