@@ -64,7 +64,6 @@ class ActiveJob:
     id: uuid.UUID
     model: str
     attempt: int
-    tenant: str
     worker: WorkerHandle
     task: asyncio.Task[None] | None = None
     cancel_requested: bool = False
@@ -136,7 +135,6 @@ class Leader:
         self.load_backoff: dict[str, tuple[int, float]] = {}
         self.reservation: placement.Reservation | None = None
         self.dirty: set[str] = {m.id for m in registry}
-        self.jobs_done: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._lost = asyncio.Event()
         self._lost_reason = ""
@@ -504,9 +502,7 @@ class Leader:
         job_id: uuid.UUID = r["id"]
         timeout = r["timeout_s"] or spec.timeout_s
         out_dir = self._files_dir / "outputs" / str(job_id)
-        active = ActiveJob(
-            id=job_id, model=spec.id, attempt=int(r["attempts"]), tenant=r["tenant"], worker=worker
-        )
+        active = ActiveJob(id=job_id, model=spec.id, attempt=int(r["attempts"]), worker=worker)
         self.active[job_id] = active
         active.task = asyncio.create_task(
             self._run_job(active, spec, inputs, out_dir, float(timeout)), name=f"job-{job_id}"
@@ -768,7 +764,6 @@ class Leader:
         if isinstance(result, Done):
             prev = self.run_ema.get(spec.id, result.run_s)
             self.run_ema[spec.id] = 0.8 * prev + 0.2 * result.run_s
-        self.jobs_done[spec.id] = self.jobs_done.get(spec.id, 0) + 1
         self.wake()
         if active.lost:
             return  # no longer ours (leadership or lease lost): the successor decides
