@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import psutil
 from db import queue as q
 from db.connect import connect
 from db.embedded import EmbeddedServer
-from tests.procs import Proc, base_env, models_file, spawn, wait_for
+from tests.procs import Proc, base_env, free_port, models_file, spawn, wait_for
 from tests.reliability.invariants import (
     RUN_MARK,
     Verdict,
@@ -51,13 +50,6 @@ FULL = os.environ.get("VRAMQ_CHAOS", "").strip().lower() == "full"
 def scale(ci: int, full: int) -> int:
     """How many faults (or cases): the small CI number, or the full one under ``VRAMQ_CHAOS=full``."""
     return full if FULL else ci
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def api_available() -> bool:

@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,8 +23,8 @@ import pytest
 
 from db.connect import connect
 from db.dsn import with_database
-from tests.procs import Proc, base_env, spawn
-from tests.reliability.harness import api_available, free_port, scale
+from tests.procs import Proc, base_env, start_api
+from tests.reliability.harness import api_available, scale
 from tests.reliability.invariants import RUN_MARK, check_jobs
 from tests.reliability.report import REPORT, Row
 
@@ -80,7 +78,6 @@ def api(pg_server: str, template_db: str, tmp_path_factory: pytest.TempPathFacto
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     dsn = with_database(pg_server, name)
     root = tmp_path_factory.mktemp("bad-input")
-    port = free_port()
     env = base_env(dsn, root / "data")
     env.update(
         {
@@ -91,23 +88,10 @@ def api(pg_server: str, template_db: str, tmp_path_factory: pytest.TempPathFacto
             RUN_MARK: uuid.uuid4().hex,
         }
     )
-    args = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    proc = spawn([*args, "--log-level", "warning"], env, root / "api.log")
-    a = Api(f"http://127.0.0.1:{port}", dsn, root / "data" / "files", proc)
+    proc, base = start_api(env, root / "api.log", "--log-level", "warning")
+    a = Api(base, dsn, root / "data" / "files", proc)
     try:
         a.keys = asyncio.run(_make_keys(dsn))
-        with httpx.Client(base_url=a.base, timeout=5) as c:
-            for _ in range(600):
-                if proc.popen.poll() is not None:
-                    raise AssertionError(f"the API exited:\n{proc.output()[-3000:]}")
-                try:
-                    if c.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-            else:
-                raise AssertionError("the API did not become ready")
         REPORT.add(ROW)
         yield a
         assert proc.popen.poll() is None, f"the API died during the scenario:\n{proc.output()[-3000:]}"

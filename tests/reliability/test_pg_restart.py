@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from db.connect import connect
-from tests.procs import wait_for
+from tests.procs import free_port, wait_for
 from tests.reliability.harness import (
     Cluster,
     HttpLoad,
@@ -25,7 +25,6 @@ from tests.reliability.harness import (
     accepts_connections,
     api_available,
     conclude,
-    free_port,
     running,
     scale,
     wait_http_ready,

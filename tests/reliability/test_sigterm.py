@@ -14,13 +14,12 @@ import uuid
 import asyncpg
 import pytest
 
-from tests.procs import wait_for
+from tests.procs import free_port, wait_for
 from tests.reliability.harness import (
     Cluster,
     DbLoad,
     api_available,
     conclude,
-    free_port,
     running,
     scale,
 )
