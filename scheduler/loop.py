@@ -3,7 +3,9 @@
 The loop is a single asyncio task woken by NOTIFY (new jobs, cancels), by workers (ready, free, gone)
 and by a slow poll (notifications can be lost). Each round:
 
-1. hands queued jobs to idle warm workers (one claim statement for all models with idle workers);
+1. hands queued jobs to warm workers with room (one claim statement for all models): one job to an
+   idle worker, or, for models whose jobs take milliseconds, up to ``PIPELINE_DEPTH`` queued on each
+   worker so that it never waits for the next claim (they travel to it in one message);
 2. peeks at the queue heads of models that could use more workers and asks ``scheduler.placement`` for
    starts, evictions and an anti-starvation reservation;
 3. fails jobs that can never run here (a model bigger than every GPU) instead of letting them wait.
@@ -16,13 +18,12 @@ heartbeat the term row on the lock connection, rescue expired leases, and prune 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
 import time
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from scheduler.workerpool import (
     Done,
     Failed,
     Progress,
+    Unfinished,
     WorkerHandle,
     WorkerStartError,
 )
@@ -55,8 +57,9 @@ SELF_FENCE_FRACTION = 0.6  # of lease_ttl_s without a renewal: stop everything b
 PEEK_MIN_INTERVAL_S = 0.05
 LOAD_RETRY_BASE_S = 1.0
 PRUNE_INTERVAL_S = 3600.0
-PREFETCH_MAX_RUN_S = 0.05  # prefetch only for models whose jobs average less than this
-PREFETCH_PER_WORKER = 2
+PIPELINE_MAX_RUN_S = 0.05  # queue jobs on busy workers only for models whose jobs average less than this
+PIPELINE_DEPTH = 32  # jobs queued on one worker at most (the running one included)
+PIPELINE_WINDOW_S = 0.05  # ... and at most this much expected work
 
 
 @dataclass
@@ -65,7 +68,7 @@ class ActiveJob:
     model: str
     attempt: int
     worker: WorkerHandle
-    task: asyncio.Task[None] | None = None
+    fut: asyncio.Future[Any] | None = None
     cancel_requested: bool = False
     lost: bool = False
 
@@ -78,7 +81,7 @@ class _Pending:
     outputs: list[q.Output] = field(default_factory=list)
     fails: list[q.Failure] = field(default_factory=list)
     cancels: list[uuid.UUID] = field(default_factory=list)
-    releases: list[uuid.UUID] = field(default_factory=list)
+    releases: list[tuple[uuid.UUID, str]] = field(default_factory=list)  # (job, why)
 
     def ids(self) -> set[uuid.UUID]:
         """Jobs whose outcome this batch holds (still leased to the term until it is written)."""
@@ -86,7 +89,7 @@ class _Pending:
             {c[0] for c in self.completes}
             | {f.job_id for f in self.fails}
             | set(self.cancels)
-            | set(self.releases)
+            | {r[0] for r in self.releases}
         )
 
     def empty(self) -> bool:
@@ -153,7 +156,6 @@ class Leader:
         self._claiming: set[uuid.UUID] = set()
         self._inflight = _Pending()  # the batch the writer is flushing now
         self._orphans: set[uuid.UUID] = set()
-        self.backlog: dict[str, collections.deque[tuple[Any, dict[str, Any]]]] = {}
         self.run_ema: dict[str, float] = {}
         self._files_dir = Path(settings.files_dir).resolve()
 
@@ -271,20 +273,18 @@ class Leader:
         deadline = time.monotonic() + self.s.shutdown_grace_s
         log.info("term %s draining %d running jobs", self.term, len(self.active))
         while self.active and time.monotonic() < deadline and not self._lost.is_set():
-            tasks = [a.task for a in self.active.values() if a.task is not None]
-            if not tasks:
+            futs = [a.fut for a in self.active.values() if a.fut is not None]
+            if not futs:
                 break
-            await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+            await asyncio.wait(futs, timeout=max(0.0, deadline - time.monotonic()))
         leftover = list(self.active.values())
         for a in leftover:
             a.lost = True
             a.worker.kill()
-        for a in leftover:
-            if a.task is not None:
-                with contextlib.suppress(BaseException):
-                    await a.task
-        self._pending.releases.extend(a.id for a in leftover)
-        self._release_backlog()
+        futs = [a.fut for a in leftover if a.fut is not None]
+        if futs:
+            await asyncio.wait(futs, timeout=10)
+        self._pending.releases.extend((a.id, "its scheduler stopped") for a in leftover)
         await self._stop_workers(grace_s=2.0)
         await self._flush_until_empty(limit_s=10.0)
         await self._final_snapshot()
@@ -292,15 +292,12 @@ class Leader:
     async def _step_down(self) -> None:
         """Lost leadership: kill every worker now, then requeue this term's jobs if the database lets us."""
         self._draining = True
+        for a in self.active.values():
+            a.lost = True  # requeued with the term's other jobs below
         for w in list(self.workers.values()):
             w.kill()
         await asyncio.gather(*(w.wait_exit(5) for w in list(self.workers.values())), return_exceptions=True)
         self.workers.clear()
-        for a in self.active.values():
-            a.lost = True
-            if a.task is not None:
-                a.task.cancel()
-        self.backlog.clear()  # requeued with the term's other jobs below
         await self._final_snapshot()
 
     async def _cancel_side_tasks(self) -> None:
@@ -323,11 +320,6 @@ class Leader:
                 await q.end_term(self.pool, term=self.term)
         except Exception as exc:
             log.warning("term %s: could not record its end: %s", self.term, exc)
-
-    def _release_backlog(self) -> None:
-        for queue in self.backlog.values():
-            self._pending.releases.extend(r["id"] for r, _ in queue)
-        self.backlog.clear()
 
     async def _stop_workers(self, grace_s: float) -> None:
         workers = list(self.workers.values())
@@ -353,12 +345,6 @@ class Leader:
     def _request_cancel(self, job_id: uuid.UUID) -> None:
         active = self.active.get(job_id)
         if active is None:
-            for queue in self.backlog.values():
-                for item in list(queue):
-                    if item[0]["id"] == job_id:
-                        queue.remove(item)
-                        self._pending.cancels.append(job_id)
-                        self._write_wake.set()
             return
         if active.cancel_requested:
             return
@@ -395,18 +381,34 @@ class Leader:
             )
         return out
 
-    def _idle_by_model(self) -> dict[str, list[WorkerHandle]]:
-        idle: dict[str, list[WorkerHandle]] = {}
+    def _depth(self, model: str) -> int:
+        """Jobs one worker of ``model`` may hold: 1, or a short queue for models whose jobs take
+        milliseconds (it hides the claim round trip between two jobs). Long jobs are never held back
+        from other workers or pools."""
+        ema = self.run_ema.get(model)
+        if ema is None or ema > PIPELINE_MAX_RUN_S:
+            return 1
+        return max(2, min(PIPELINE_DEPTH, int(PIPELINE_WINDOW_S / max(ema, 1e-6))))
+
+    def _room_by_model(self) -> dict[str, list[WorkerHandle]]:
+        """Warm workers that can take a job now, per model, the emptiest first."""
+        room: dict[str, list[WorkerHandle]] = {}
         res = self.reservation
+        depths: dict[str, int] = {}
         for w in self.workers.values():
-            if w.state != "idle":
+            if w.state not in ("idle", "busy"):
                 continue
-            if res is not None and w.gpu_id == res.gpu_id and w.spec.id != res.model:
+            model = w.spec.id
+            if model not in depths:
+                depths[model] = self._depth(model)
+            if w.inflight >= depths[model]:
+                continue
+            if res is not None and w.gpu_id == res.gpu_id and model != res.model:
                 continue  # a reserved GPU serves only the starving model
-            idle.setdefault(w.spec.id, []).append(w)
-        for lst in idle.values():
-            lst.sort(key=lambda w: -w.last_used)  # warmest first
-        return idle
+            room.setdefault(model, []).append(w)
+        for lst in room.values():
+            lst.sort(key=lambda w: (w.inflight, -w.last_used))  # emptiest, then warmest first
+        return room
 
     async def _round(self) -> None:
         if self._draining or self._lost.is_set():
@@ -418,19 +420,11 @@ class Leader:
             self.dirty.update(m.id for m in self.registry)
             await self._check_cancels()
 
-        # 1. Warm reuse: jobs already held for idle workers, then one claim for every model with idle
-        #    workers (plus a short prefetch for models whose jobs take milliseconds).
-        idle = self._idle_by_model()
-        if self.backlog:
-            self._serve_backlog(idle)
-            idle = {m: ws for m, ws in idle.items() if ws}
-        counts = {m: len(ws) for m, ws in idle.items()}
-        for model in self.run_ema:
-            extra = self._prefetch_depth(model)
-            if extra > 0 and model in self.registry:
-                counts[model] = counts.get(model, 0) + extra
+        # 1. Warm reuse: one claim for every model with room on its warm workers.
+        room = self._room_by_model()
+        counts = {m: sum(self._depth(m) - w.inflight for w in ws) for m, ws in room.items()}
         if counts:
-            await self._claim_and_dispatch(counts, idle)
+            await self._claim_and_dispatch(counts, room)
 
         # 2. Idle expiry.
         expired = placement.idle_expired(
@@ -444,9 +438,9 @@ class Leader:
             await self._place()
 
     async def _claim_and_dispatch(
-        self, counts: Mapping[str, int], idle: Mapping[str, list[WorkerHandle]]
+        self, counts: Mapping[str, int], room: Mapping[str, list[WorkerHandle]]
     ) -> None:
-        """Claim ``counts[model]`` jobs per model and hand them to ``idle`` workers (extras are held)."""
+        """Claim ``counts[model]`` jobs per model and hand them to the workers in ``room``."""
         assert self.term is not None
         wants = [
             q.Want(model=m, feature=self.registry.get(m).feature, n=n)  # type: ignore[union-attr]
@@ -467,68 +461,63 @@ class Leader:
                 self.dirty.discard(w.model)  # the queue of this model is empty for now
         try:
             if rows:
-                await self._dispatch(rows, {m: list(ws) for m, ws in idle.items()})
+                await self._dispatch(rows, room)
         finally:
             self._claiming.difference_update(r["id"] for r in rows)
 
-    async def _dispatch(self, rows: list[Any], idle: dict[str, list[WorkerHandle]]) -> None:
+    async def _dispatch(self, rows: list[Any], room: Mapping[str, list[WorkerHandle]]) -> None:
         files = await self._resolve_files(rows)
         for r in rows:
             job_id: uuid.UUID = r["id"]
             spec = self.registry.get(r["model"])
             if spec is None:
-                self._pending.releases.append(job_id)
+                self._pending.releases.append((job_id, "no such model on this scheduler"))
                 continue
             inputs, bad = self._worker_inputs(r, spec, files)
             if bad is not None:
                 self._pending.fails.append(q.Failure(job_id, ErrorKind.INVALID_INPUT, bad, retry=False))
                 continue
-            workers = idle.get(r["model"], [])
-            worker = None
-            while workers:
-                cand = workers.pop(0)
-                if cand.state == "idle":
-                    worker = cand
-                    break
+            worker = self._pick_worker(room.get(spec.id, ()), self._depth(spec.id))
             if worker is not None:
                 self._start_job(r, spec, inputs, worker)
-            elif self._prefetch_depth(spec.id) > 0:
-                self.backlog.setdefault(spec.id, collections.deque()).append((r, inputs))
-            else:
-                self._pending.releases.append(job_id)
+            else:  # the worker went away while the claim ran
+                self._pending.releases.append((job_id, "its worker went away before it started"))
         self._write_wake.set()
+
+    @staticmethod
+    def _pick_worker(workers: Iterable[WorkerHandle], depth: int) -> WorkerHandle | None:
+        best = None
+        for w in workers:
+            if (
+                w.state in ("idle", "busy")
+                and w.inflight < depth
+                and (best is None or w.inflight < best.inflight)
+            ):
+                best = w
+        return best
 
     def _start_job(self, r: Any, spec: ModelSpec, inputs: dict[str, Any], worker: WorkerHandle) -> None:
         job_id: uuid.UUID = r["id"]
-        timeout = r["timeout_s"] or spec.timeout_s
+        timeout = float(r["timeout_s"] or spec.timeout_s)
         out_dir = self._files_dir / "outputs" / str(job_id)
         active = ActiveJob(id=job_id, model=spec.id, attempt=int(r["attempts"]), worker=worker)
         self.active[job_id] = active
-        active.task = asyncio.create_task(
-            self._run_job(active, spec, inputs, out_dir, float(timeout)), name=f"job-{job_id}"
-        )
+        last_progress = 0.0
+
+        def on_progress(p: Progress) -> None:
+            nonlocal last_progress
+            now = time.monotonic()
+            if p.fraction >= 1.0 or now - last_progress >= self.s.progress_min_interval_s:
+                last_progress = now
+                self._pending.progress[job_id] = (p.fraction, p.message)
+                self._write_wake.set()
+
+        fut = worker.submit(str(job_id), active.attempt, inputs, out_dir, on_progress, timeout_s=timeout)
+        active.fut = fut
+        fut.add_done_callback(lambda f: self._job_ended(active, spec, out_dir, timeout, f))
         self._pending.starts.append((job_id, worker.name, worker.gpu_id))
         if r["cancel_requested_at"] is not None:
             self._request_cancel(job_id)
-
-    def _prefetch_depth(self, model: str) -> int:
-        """Jobs to hold leased ahead of the warm workers of a model whose jobs are very short: it hides
-        the claim round trip between two jobs. Long jobs are never held back from other pools."""
-        ema = self.run_ema.get(model)
-        if ema is None or ema > PREFETCH_MAX_RUN_S:
-            return 0
-        warm = sum(1 for w in self.workers.values() if w.spec.id == model and w.state in ("idle", "busy"))
-        return max(0, warm * PREFETCH_PER_WORKER - len(self.backlog.get(model, ())))
-
-    def _serve_backlog(self, idle: dict[str, list[WorkerHandle]]) -> None:
-        for model, workers in idle.items():
-            queue = self.backlog.get(model)
-            spec = self.registry.get(model)
-            while queue and workers and spec is not None:
-                r, inputs = queue.popleft()
-                self._start_job(r, spec, inputs, workers.pop(0))
-        if any(self._pending.starts):
-            self._write_wake.set()
 
     async def _resolve_files(self, rows: list[Any]) -> dict[uuid.UUID, Mapping[str, Any]]:
         """Look up the uploads named by the jobs' file inputs (only the job's own tenant's files)."""
@@ -627,7 +616,7 @@ class Leader:
                 continue
             self._start_worker(model, gpu_id)
         if plan.claims:
-            await self._claim_and_dispatch(plan.claims, self._idle_by_model())
+            await self._claim_and_dispatch(plan.claims, self._room_by_model())
         for model in plan.unplaceable:
             largest = max((g.total_mb for g in gpus), default=0)
             await self._fail_one(
@@ -735,36 +724,19 @@ class Leader:
         log.info("stopping worker %s: %s", worker_id, why)
         self._background(handle.stop(grace_s=5.0), f"stop-{worker_id}")
 
-    async def _run_job(
-        self, active: ActiveJob, spec: ModelSpec, inputs: dict[str, Any], out_dir: Path, timeout_s: float
+    def _job_ended(
+        self, active: ActiveJob, spec: ModelSpec, out_dir: Path, timeout_s: float, fut: asyncio.Future[Any]
     ) -> None:
+        """A job's worker answered (or died): queue the outcome for the writer."""
         job_id = active.id
-        last_progress = 0.0
-
-        def on_progress(p: Progress) -> object:
-            nonlocal last_progress
-            now = time.monotonic()
-            if p.fraction >= 1.0 or now - last_progress >= self.s.progress_min_interval_s:
-                last_progress = now
-                self._pending.progress[job_id] = (p.fraction, p.message)
-                self._write_wake.set()
-            return None
-
-        try:
-            result = await active.worker.run(
-                str(job_id), active.attempt, inputs, out_dir, on_progress, timeout_s=timeout_s
-            )
-        except asyncio.CancelledError:
-            self.active.pop(job_id, None)
-            raise
-        except Exception as exc:
-            log.exception("job %s: worker error", job_id)
-            result = Crashed(str(job_id), None, "crashed", f"scheduler error: {exc!r}")
         self.active.pop(job_id, None)
+        self.wake()
+        if fut.cancelled():
+            return
+        result = fut.result()
         if isinstance(result, Done):
             prev = self.run_ema.get(spec.id, result.run_s)
             self.run_ema[spec.id] = 0.8 * prev + 0.2 * result.run_s
-        self.wake()
         if active.lost:
             return  # no longer ours (leadership or lease lost): the successor decides
         if isinstance(result, Done):
@@ -792,6 +764,11 @@ class Leader:
                 self._pending.cancels.append(job_id)
             else:
                 self._pending.fails.append(q.Failure(job_id, kind, result.message, retry=spec.retries(kind)))
+        elif isinstance(result, Unfinished):
+            if active.cancel_requested:
+                self._pending.cancels.append(job_id)
+            else:
+                self._pending.releases.append((job_id, result.message))
         elif isinstance(result, Crashed):
             if active.cancel_requested:
                 self._pending.cancels.append(job_id)
@@ -885,8 +862,11 @@ class Leader:
             )
         for job_id in b.cancels:
             await q.mark_cancelled(self.outcomes, term=term, job_id=job_id)
-        if b.releases:
-            await q.release(self.outcomes, term=term, job_ids=b.releases, reason="its scheduler stopped")
+        by_reason: dict[str, list[uuid.UUID]] = {}
+        for job_id, why in b.releases:
+            by_reason.setdefault(why, []).append(job_id)
+        for why, ids in by_reason.items():
+            await q.release(self.outcomes, term=term, job_ids=ids, reason=why)
 
     async def _flush_until_empty(self, limit_s: float) -> None:
         deadline = time.monotonic() + limit_s
@@ -911,7 +891,6 @@ class Leader:
             # Only jobs that were ours before the statement ran can be judged by its answer: one
             # claimed while it ran is missing from it without having been taken from us.
             before = set(self.active)
-            held_before = self._held_ids()
             try:
                 async with asyncio.timeout(max(1.0, interval)):
                     ours = await q.extend_leases(self.pool, term=self.term, lease_ttl_s=self.s.lease_ttl_s)
@@ -927,19 +906,12 @@ class Leader:
                         )
                         active.lost = True
                         active.worker.kill()
-                gone = held_before - ours
-                if gone:
-                    for model, queue in self.backlog.items():
-                        self.backlog[model] = collections.deque(x for x in queue if x[0]["id"] not in gone)
             except DB_ERRORS as exc:
                 log.warning("lease renewal failed: %s", exc)
             if time.monotonic() - self._last_lease_ok > fence_after:
                 self._lose(f"leases not renewed for {fence_after:.0f}s")
                 return
             await asyncio.sleep(max(0.05, min(interval, fence_after / 4)))
-
-    def _held_ids(self) -> set[uuid.UUID]:
-        return {r["id"] for queue in self.backlog.values() for r, _ in queue}
 
     def _grant_leases(self) -> None:
         """Workers fence themselves too: a job still running when the leader's self-fence deadline
@@ -952,14 +924,13 @@ class Leader:
     def _release_orphans(self, ours: set[uuid.UUID]) -> None:
         """Jobs leased to us that nothing here runs (a claim whose answer was lost): give them back.
         Only after two renewals in a row saw them, so a dispatch or a write in flight is never hit."""
-        held = self._held_ids()
         writing = self._pending.ids() | self._inflight.ids()
-        orphans = ours - set(self.active) - self._claiming - writing - held
+        orphans = ours - set(self.active) - self._claiming - writing
         again = orphans & self._orphans
         self._orphans = orphans - again
         if again:
             log.warning("releasing %d jobs leased to term %s that no worker runs", len(again), self.term)
-            self._pending.releases.extend(again)
+            self._pending.releases.extend((j, "no worker of its scheduler ran it") for j in again)
             self._write_wake.set()
 
     async def _heartbeat(self) -> None:

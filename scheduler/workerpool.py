@@ -1,7 +1,10 @@
 """GPU worker subprocesses, seen from the scheduler: one ``WorkerHandle`` per process.
 
 A handle owns one ``spawn``-context process that loads one model on one device and runs that model's jobs
-one at a time (``workers.runtime``). Everything here runs on the scheduler's asyncio loop, without
+one at a time (``workers.runtime``). ``run()`` hands an idle worker one job and waits for it;
+``submit()`` may queue several jobs on a worker (the scheduler does so for models whose jobs take
+milliseconds, so a worker never waits for the next job's round trip): they go out in one pipe message
+and run in order. Everything here runs on the scheduler's asyncio loop, without
 threads: the pipe and the process sentinel are watched with ``loop.add_reader``, so a worker that dies
 is noticed within milliseconds. This module never touches the database; the scheduler loop turns what a
 handle reports into job transitions.
@@ -17,16 +20,19 @@ States::
 
 - ``spawning``: created, ``start()`` not called yet.
 - ``loading``: the process is importing and loading the adapter; ``wait_ready()`` returns its ``Ready``.
-- ``idle``: loaded, no job; ``run()`` is allowed only here.
-- ``busy``: one job in flight; ``run()`` resolves when the worker answers or dies.
+- ``idle``: loaded, no job; ``run()`` is allowed only here, ``submit()`` here and when busy.
+- ``busy``: one or more jobs in flight (``inflight``); the first one (``job_id``) is running or about
+  to; each job's future resolves when the worker answers for it or dies.
 - ``stopping``: ``stop()`` was called; a running job may still finish and is reported.
 - ``gone``: the process has exited (``exitcode`` is set); the handle is never used again.
 
 Failure rules (what the scheduler should do with each outcome):
 
-- The worker dies mid-job (crash, OOM killer, segfault): the pending ``run()`` resolves to
+- The worker dies mid-job (crash, OOM killer, segfault): the running job resolves to
   ``Crashed(cause="crashed")`` at once; the job is retried as ``worker_crashed`` and the handle is gone.
-  Start a new worker if the model still has work.
+  Start a new worker if the model still has work. Jobs queued behind it resolve to ``Unfinished``
+  (never started, or finished with the outcome lost with the process): requeue them, they are not to
+  blame. The worker tells which job was running through a word of shared memory, not a message.
 - Loading fails: ``wait_ready()`` raises ``WorkerStartError`` with ``kind`` ``oom`` (correct the model's
   VRAM estimate, try elsewhere), ``model_error``, ``worker_crashed`` (died while loading) or ``timeout``
   (``wait_ready(timeout_s)`` ran out and killed it). Either way the handle ends up gone.
@@ -35,6 +41,7 @@ Failure rules (what the scheduler should do with each outcome):
   gets SIGTERM, then SIGKILL ``kill_after_s`` (2 s) later, and ``run()`` resolves to
   ``Crashed(cause="cancelled")``.
 - Timeout: ``run(..., timeout_s=...)`` kills the worker when the job overruns: ``Crashed(cause="timeout")``.
+  A queued job's timeout and cancel grace count from when the job before it answered.
 - ``kill()`` and ``stop()`` that has to escalate: a running job resolves to ``Crashed(cause="killed")``
   (the scheduler decides whether that job is retried, e.g. after losing leadership).
 - Cancelling the task that awaits ``run()`` kills the worker: the job's result would have nowhere to go.
@@ -62,7 +69,7 @@ import time
 import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -94,6 +101,7 @@ __all__ = [
     "Progress",
     "Ready",
     "RunResult",
+    "Unfinished",
     "WorkerHandle",
     "WorkerStartError",
     "WorkerState",
@@ -129,8 +137,33 @@ class Crashed:
         }[self.cause]
 
 
-RunResult = Done | Failed | Crashed | CancelledAck
+@dataclass(frozen=True, slots=True)
+class Unfinished:
+    """The worker went away before this job's outcome arrived, and the job is not to blame: it was
+    queued behind the running one (``started`` False), or it had finished and its outcome was still
+    on its way (``started`` True). Requeue it without counting the attempt."""
+
+    job_id: str
+    started: bool
+    message: str
+
+
+RunResult = Done | Failed | Crashed | CancelledAck | Unfinished
 ProgressCallback = Callable[[Progress], object]
+
+
+@dataclass(slots=True)
+class _Job:
+    """A job handed to the worker and not answered yet."""
+
+    job_id: str
+    seq: int
+    fut: asyncio.Future[RunResult]
+    on_progress: ProgressCallback | None
+    timeout_s: float | None
+    cancel: tuple[float, float] | None = None  # (grace_s, kill_after_s) of a cancel that escalates
+    running: bool = False  # first in line: its timeout and cancel grace are counting
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
 class WorkerStartError(VramqError):
@@ -202,8 +235,9 @@ class WorkerHandle:
 
     Public attributes (read-only for callers): ``spec``, ``gpu_id``, ``device`` (what the worker passes
     to ``load``), ``name``, ``state``, ``ready`` (the ``Ready`` message once loaded), ``job_id`` (the job
-    in flight), ``vram_mb`` (last VRAM the worker reported), ``jobs_run``, ``created_at``,
-    ``last_used`` (``time.monotonic()`` of the last state change to idle; for LRU eviction).
+    running or next to run), ``inflight`` (jobs handed over and not answered), ``vram_mb`` (last VRAM
+    the worker reported), ``jobs_run``, ``created_at``, ``last_used`` (``time.monotonic()`` of the last
+    answer or state change to idle; for LRU eviction).
     """
 
     def __init__(
@@ -225,7 +259,6 @@ class WorkerHandle:
         self.name = name or f"{spec.id}@{gpu_id}#{_SEQ}"
         self.state: WorkerState = "spawning"
         self.ready: Ready | None = None
-        self.job_id: str | None = None
         self.vram_mb: int | None = None
         self.jobs_run = 0
         self.created_at = time.monotonic()
@@ -239,12 +272,14 @@ class WorkerHandle:
         self._exitcode: int | None = None
         self._sentinel: int | None = None
         self._ready_fut: asyncio.Future[Ready] | None = None
-        self._run_fut: asyncio.Future[RunResult] | None = None
-        self._on_progress: ProgressCallback | None = None
+        self._jobs: dict[str, _Job] = {}  # in the order handed over; the first one runs
+        self._seq = 0
+        self._outbox: list[Run] = []  # handed over in this loop iteration, sent together
+        self._flush_soon = False
+        self._position: Any = None  # shared memory: seq of the job the worker started last
         self._exited: asyncio.Event = asyncio.Event()
         self._load_failed: LoadFailed | None = None
         self._cause: CrashCause | None = None
-        self._timers: list[asyncio.TimerHandle] = []
         self._stop_task: asyncio.Task[int | None] | None = None
 
     def __repr__(self) -> str:
@@ -255,6 +290,16 @@ class WorkerHandle:
     @property
     def pid(self) -> int | None:
         return self._pid
+
+    @property
+    def job_id(self) -> str | None:
+        """The job running (or next to run) on the worker."""
+        return next(iter(self._jobs), None)
+
+    @property
+    def inflight(self) -> int:
+        """Jobs handed to the worker that it has not answered for."""
+        return len(self._jobs)
 
     @property
     def alive(self) -> bool:
@@ -283,9 +328,10 @@ class WorkerHandle:
         loop = asyncio.get_running_loop()
         ctx = multiprocessing.get_context("spawn")
         parent_conn, child_conn = ctx.Pipe(duplex=True)
+        self._position = ctx.RawValue("q", 0)
         process = ctx.Process(
             target=worker_main,
-            args=(child_conn, self.spec.adapter, self.spec.id, self.device, os.getpid()),
+            args=(child_conn, self.spec.adapter, self.spec.id, self.device, os.getpid(), self._position),
             name=f"vramq-worker {self.name}",
             daemon=False,  # a daemon process may not start processes of its own (data loaders do)
         )
@@ -339,25 +385,16 @@ class WorkerHandle:
         *,
         timeout_s: float | None = None,
     ) -> RunResult:
-        """Run one job and return how it ended. Only when idle; the handle is busy until this returns.
+        """Run one job on an idle worker and return how it ended.
 
         ``inputs`` must be picklable, with uploaded files given as ``{"file": id, "path": ..., "name":
         ..., "size": ...}`` (the worker turns them into ``InputFile``). ``on_progress`` is called on the
         loop for every ``Progress`` message. ``timeout_s`` kills the worker when the job overruns.
+        Cancelling the awaiting task kills the worker (the result would have nowhere to go).
         """
         if self.state != "idle" or self._loop is None:
             raise WorkerStateError(f"worker {self.name} is {self.state}, not idle")
-        fut: asyncio.Future[RunResult] = self._loop.create_future()
-        fut.add_done_callback(_consume)
-        self._run_fut = fut
-        self.job_id = job_id
-        self._on_progress = on_progress
-        self._cause = None
-        self.state = "busy"
-        self._send(Run(job_id, attempt, inputs, str(output_dir)))
-        timer = None
-        if timeout_s is not None:
-            timer = self._loop.call_later(timeout_s, self._on_job_timeout, job_id)
+        fut = self.submit(job_id, attempt, inputs, output_dir, on_progress, timeout_s=timeout_s)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -367,20 +404,55 @@ class WorkerHandle:
                 )
                 self._signal("kill", "killed")
             raise
-        finally:
-            if timer is not None:
-                timer.cancel()
+
+    def submit(
+        self,
+        job_id: str,
+        attempt: int,
+        inputs: dict[str, Any],
+        output_dir: str | Path,
+        on_progress: ProgressCallback | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> asyncio.Future[RunResult]:
+        """Hand the worker a job, behind any it has already; the future resolves to how it ended.
+
+        Allowed when idle or busy. Jobs handed over in one loop iteration travel in one message. The
+        job's ``timeout_s`` counts from when the job before it answered.
+        """
+        if self.state not in ("idle", "busy") or self._loop is None:
+            raise WorkerStateError(f"worker {self.name} is {self.state}, not idle or busy")
+        if job_id in self._jobs:
+            raise WorkerStateError(f"job {job_id} is already on worker {self.name}")
+        self._seq += 1
+        fut: asyncio.Future[RunResult] = self._loop.create_future()
+        fut.add_done_callback(_consume)
+        job = _Job(job_id, self._seq, fut, on_progress, timeout_s)
+        self._jobs[job_id] = job
+        self.state = "busy"
+        self._cause = None
+        self._outbox.append(Run(job_id, attempt, inputs, str(output_dir), job.seq))
+        if not self._flush_soon:
+            self._flush_soon = True
+            self._loop.call_soon(self._flush_outbox)
+        if len(self._jobs) == 1:
+            self._start_clock(job)
+        return fut
 
     def cancel(self, job_id: str, grace_s: float | None = None, kill_after_s: float = KILL_AFTER_S) -> bool:
         """Ask the worker to cancel ``job_id``. With ``grace_s``, escalate to SIGTERM then SIGKILL.
 
-        Returns False (and does nothing) when that job is not the one in flight.
+        Returns False (and does nothing) when the worker does not have that job. A job still queued
+        behind another is dropped by the worker when its turn comes; its grace counts from then.
         """
-        if self.state not in ("busy", "stopping") or self.job_id != job_id or self._loop is None:
+        job = self._jobs.get(job_id)
+        if job is None or self.state not in ("busy", "stopping") or self._loop is None:
             return False
         self._send(Cancel(job_id))
-        if grace_s is not None:
-            self._timers.append(self._loop.call_later(grace_s, self._escalate_cancel, job_id, kill_after_s))
+        if grace_s is not None and job.cancel is None:
+            job.cancel = (grace_s, kill_after_s)
+            if job.running:
+                job.timers.append(self._loop.call_later(grace_s, self._escalate_cancel, job_id, kill_after_s))
         return True
 
     async def stop(self, grace_s: float = 10.0, kill_after_s: float = KILL_AFTER_S) -> int | None:
@@ -444,7 +516,19 @@ class WorkerHandle:
                     self._signal(action, "killed")
         return self._exitcode
 
+    def _flush_outbox(self) -> None:
+        self._flush_soon = False
+        if self._outbox:
+            batch = self._outbox
+            self._outbox = []
+            self._send(batch[0] if len(batch) == 1 else batch)
+
     def _send(self, msg: object) -> None:
+        if self._outbox and not isinstance(msg, list | Run):
+            # Keep the pipe in call order: jobs handed over earlier go first, in the same message.
+            batch: list[object] = [*self._outbox, msg]
+            self._outbox = []
+            msg = batch
         if self._conn is None or self._conn.closed:
             return
         try:
@@ -465,18 +549,30 @@ class WorkerHandle:
         else:
             process.kill()
 
+    def _start_clock(self, job: _Job) -> None:
+        """``job`` is first in line now: its timeout (and the grace of a cancel asked earlier) start."""
+        assert self._loop is not None
+        job.running = True
+        if job.timeout_s is not None:
+            job.timers.append(self._loop.call_later(job.timeout_s, self._on_job_timeout, job.job_id))
+        if job.cancel is not None:
+            grace_s, kill_after_s = job.cancel
+            job.timers.append(self._loop.call_later(grace_s, self._escalate_cancel, job.job_id, kill_after_s))
+
     def _on_job_timeout(self, job_id: str) -> None:
-        if self.job_id == job_id and self._run_fut is not None and not self._run_fut.done():
+        job = self._jobs.get(job_id)
+        if job is not None and not job.fut.done():
             log.warning("worker %s: job %s timed out; killing the worker", self.name, job_id)
             self._signal("kill", "timeout")
 
     def _escalate_cancel(self, job_id: str, kill_after_s: float) -> None:
-        if self.job_id != job_id or self._run_fut is None or self._run_fut.done():
+        job = self._jobs.get(job_id)
+        if job is None or job.fut.done():
             return
         log.warning("worker %s ignored the cancel of job %s; sending SIGTERM", self.name, job_id)
         self._signal("terminate", "cancelled")
         assert self._loop is not None
-        self._timers.append(self._loop.call_later(kill_after_s, self._signal, "kill", "cancelled"))
+        job.timers.append(self._loop.call_later(kill_after_s, self._signal, "kill", "cancelled"))
 
     def _on_readable(self) -> None:
         conn = self._conn
@@ -495,20 +591,25 @@ class WorkerHandle:
             self._signal("kill", "crashed")
 
     def _dispatch(self, msg: object) -> None:
-        if isinstance(msg, Progress):
-            if msg.job_id == self.job_id and self._on_progress is not None:
+        if isinstance(msg, list):
+            for one in msg:
+                self._dispatch(one)
+        elif isinstance(msg, Progress):
+            job = self._jobs.get(msg.job_id)
+            if job is not None and job.on_progress is not None:
                 try:
-                    self._on_progress(msg)
+                    job.on_progress(msg)
                 except Exception:
                     log.exception("worker %s: progress callback failed", self.name)
         elif isinstance(msg, Done | Failed | CancelledAck):
-            if msg.job_id != self.job_id or self._run_fut is None or self._run_fut.done():
+            job = self._jobs.get(msg.job_id)
+            if job is None or job.fut.done():
                 log.warning("worker %s: stray %s for job %s", self.name, type(msg).__name__, msg.job_id)
                 return
             if isinstance(msg, Done) and msg.vram_mb is not None:
                 self.vram_mb = msg.vram_mb
             self.jobs_run += 1
-            self._finish_job(msg)
+            self._finish_job(job, msg)
         elif isinstance(msg, Started):
             pass
         elif isinstance(msg, Ready):
@@ -527,19 +628,20 @@ class WorkerHandle:
         else:
             log.warning("worker %s: unexpected message %r", self.name, msg)
 
-    def _finish_job(self, result: RunResult) -> None:
-        fut = self._run_fut
-        self._run_fut = None
-        self.job_id = None
-        self._on_progress = None
-        for timer in self._timers:
+    def _finish_job(self, job: _Job, result: RunResult) -> None:
+        self._jobs.pop(job.job_id, None)
+        for timer in job.timers:
             timer.cancel()
-        self._timers.clear()
-        if self.state == "busy":
+        job.timers.clear()
+        if self._jobs:
+            first = next(iter(self._jobs.values()))
+            if not first.running and self.state != "gone":
+                self._start_clock(first)
+        elif self.state == "busy":
             self.state = "idle"
         self.last_used = time.monotonic()
-        if fut is not None and not fut.done():
-            fut.set_result(result)
+        if not job.fut.done():
+            job.fut.set_result(result)
 
     def _close_pipe(self) -> None:
         if self._conn is None:
@@ -568,20 +670,24 @@ class WorkerHandle:
     def _gone(self, exitcode: int | None) -> None:
         self._exitcode = exitcode
         self._close_pipe()
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
         was = self.state
         self.state = "gone"
         _LIVE.discard(self)
         cause: CrashCause = self._cause or "crashed"
-        if self._run_fut is not None and not self._run_fut.done():
-            job_id = self.job_id or ""
-            self._finish_job(
-                Crashed(
-                    job_id, exitcode, cause, f"worker {self.name} {describe_exit(exitcode)} during the job"
+        # Which job was running: the worker wrote its seq to shared memory before starting it.
+        position = int(self._position.value) if self._position is not None else 0
+        how = describe_exit(exitcode)
+        for job in list(self._jobs.values()):
+            result: RunResult
+            if job.seq == position:
+                result = Crashed(job.job_id, exitcode, cause, f"worker {self.name} {how} during the job")
+            elif job.seq < position:
+                result = Unfinished(
+                    job.job_id, True, f"worker {self.name} {how} before the job's outcome arrived"
                 )
-            )
+            else:
+                result = Unfinished(job.job_id, False, f"worker {self.name} {how} before the job started")
+            self._finish_job(job, result)
         if self._ready_fut is not None and not self._ready_fut.done():
             if self._load_failed is not None:
                 err = WorkerStartError(ErrorKind(self._load_failed.kind), self._load_failed.message, exitcode)

@@ -2,11 +2,15 @@
 
 They travel over a ``multiprocessing`` Pipe, pickled. Each is a small frozen dataclass; nothing in them
 is bigger than a job's inputs or result (files stay on disk, only their names and digests travel).
+Either side may send a ``list`` of messages instead of one: they are handled in order, as if sent one
+by one (the parent sends the jobs it hands out in one go, the child the outcomes of short jobs).
 
 Parent -> child
-    ``Run``     run one job; the child answers ``Started``, any number of ``Progress``, then exactly one
-                of ``Done``, ``Failed`` or ``CancelledAck``. The parent sends the next ``Run`` only after
-                that answer: a worker runs one job at a time.
+    ``Run``     run one job; the child answers any number of ``Progress``, then exactly one of ``Done``,
+                ``Failed`` or ``CancelledAck``. A worker runs one job at a time, in the order received;
+                the parent may send more ``Run`` messages before the answer (they wait in the child).
+                ``seq`` numbers a worker's jobs from 1; the child stores the running job's ``seq`` in
+                shared memory, so the parent can tell, after a crash, which job was running.
     ``Cancel``  ask the running job to stop at its next ``ctx.check_cancelled()``. A cancel for a job the
                 child is not running is ignored. Cooperative only: the parent escalates with signals.
     ``Stop``    finish the running job (if any), unload, exit 0.
@@ -16,8 +20,8 @@ Child -> parent
                     measured (None where it cannot tell, e.g. on CPU).
     ``LoadFailed``  sent instead of ``Ready`` when importing or loading the adapter failed; the child
                     exits right after.
-    ``Started``     the job's ``run`` has been called.
-    ``Progress``    fraction in [0, 1], throttled by the child (1.0 is always sent).
+    ``Started``     the job's ``run`` has been called (not sent by the current runtime; accepted).
+    ``Progress``    fraction in [0, 1], throttled by the child (a final 1.0 is implied by ``Done``).
     ``Done``        ``result`` is a JSON-serialisable dict; ``outputs`` lists the files written to the job's
                     output directory; ``vram_mb`` is the measurement after the job.
     ``Failed``      ``kind`` is an ``ErrorKind`` value: ``invalid_input``, ``oom`` or ``model_error``;
@@ -45,6 +49,7 @@ class Run:
     attempt: int
     inputs: dict[str, Any]
     output_dir: str
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)

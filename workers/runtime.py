@@ -5,9 +5,18 @@
 
 Threads in the child:
 
-- main: imports and loads the adapter, then runs jobs one at a time;
-- reader (daemon): receives ``Run``/``Cancel``/``Stop``; a ``Cancel`` sets the running job's flag at once;
+- main: imports and loads the adapter, then runs jobs one at a time, in the order they arrived;
+- reader (daemon): receives ``Run``/``Cancel``/``Stop`` (or a list of them); a ``Cancel`` sets the
+  running job's flag at once;
+- flusher (daemon): sends outcomes held back while more jobs were queued (see ``_Worker.reply``);
+- fence (daemon): exits the process when a job outlives the scheduler's lease;
 - watchdog (daemon): exits the process when its parent is gone.
+
+The scheduler may send several jobs ahead (short jobs only). While more jobs wait here, outcomes are
+held back for at most ``HOLD_S`` and go out together, one pipe message for many jobs. Before each job
+the worker writes the job's ``seq`` into a word of shared memory (``position``), so that when the
+process dies the scheduler knows which job was running, which ones had finished (their outcomes may
+have died with it) and which ones never started.
 
 A worker never outlives the scheduler that started it: on Linux the kernel sends it SIGKILL when the
 parent thread that spawned it exits (``PR_SET_PDEATHSIG``), and the watchdog covers other systems and the
@@ -53,6 +62,8 @@ from workers.protocol import (
 
 PR_SET_PDEATHSIG = 1
 WATCHDOG_INTERVAL_S = 0.25
+HOLD_S = 0.002  # the longest an outcome waits for the next ones while more jobs are queued
+HOLD_MAX = 256  # outcomes per message at most
 CUDA_CONTEXT_ESTIMATE_MB = 500  # what a CUDA context costs beyond torch's allocator, roughly
 
 CONTENT_TYPES = {
@@ -157,11 +168,15 @@ def _prepare_output_dir(output_dir: Path) -> None:
 class _Worker:
     """State shared by the main thread (jobs) and the reader thread (messages)."""
 
-    def __init__(self, conn: Connection, model_id: str, device: str) -> None:
+    def __init__(self, conn: Connection, model_id: str, device: str, position: Any = None) -> None:
         self.conn = conn
         self.model_id = model_id
         self.device = device
+        self.position = position  # shared c_longlong: seq of the job started last (0: none yet)
         self.send_lock = threading.Lock()
+        self.held: list[object] = []  # outcomes not sent yet (guarded by send_lock)
+        self.held_since = 0.0
+        self.held_cond = threading.Condition(self.send_lock)
         self.jobs: queue.Queue[Run | Stop] = queue.Queue()
         self.state_lock = threading.Lock()
         self.current: Context | None = None
@@ -182,8 +197,51 @@ class _Worker:
                 os._exit(75)
 
     def send(self, msg: object) -> None:
+        """Send one message now, after any held outcomes (the order of the pipe is the job order)."""
         with self.send_lock:
-            self.conn.send(msg)
+            if self.held:
+                self.held.append(msg)
+                self._send_held()
+            else:
+                self.conn.send(msg)
+
+    def reply(self, msg: object) -> None:
+        """Send a job's outcome: at once when nothing else is queued here, else held for ``HOLD_S``
+        so that the outcomes of a run of short jobs travel in one message."""
+        with self.send_lock:
+            self.held.append(msg)
+            if len(self.held) == 1:
+                self.held_since = time.monotonic()
+            if self.jobs.empty() or len(self.held) >= HOLD_MAX:
+                self._send_held()
+            else:
+                self.held_cond.notify()
+
+    def flush(self) -> None:
+        with self.send_lock:
+            if self.held:
+                self._send_held()
+
+    def _send_held(self) -> None:  # with send_lock held
+        batch = self.held
+        self.held = []
+        self.conn.send(batch[0] if len(batch) == 1 else batch)
+
+    def flush_loop(self) -> None:
+        """Daemon thread: send held outcomes once they are ``HOLD_S`` old (the next job may be long)."""
+        with self.send_lock:
+            while True:
+                if not self.held:
+                    self.held_cond.wait()
+                    continue
+                wait = self.held_since + HOLD_S - time.monotonic()
+                if wait > 0:
+                    self.held_cond.wait(wait)
+                    continue
+                try:
+                    self._send_held()
+                except (OSError, ValueError):
+                    os._exit(0)  # the scheduler is gone
 
     def read_loop(self) -> None:
         while True:
@@ -192,22 +250,24 @@ class _Worker:
             except (EOFError, OSError):
                 # The scheduler closed the pipe: nobody can receive results any more.
                 os._exit(0)
-            if isinstance(msg, Run):
-                self.jobs.put(msg)
-            elif isinstance(msg, Cancel):
-                with self.state_lock:
-                    self.cancelled_ids.add(msg.job_id)
-                    if self.current is not None and self.current.job_id == msg.job_id:
-                        self.current.cancel()
-            elif isinstance(msg, Stop):
-                self.jobs.put(msg)
-            elif isinstance(msg, Lease):
-                self.lease_until = msg.until
-            else:
-                print(
-                    f"vramq worker {self.model_id}: ignoring unknown message {type(msg).__name__}",
-                    file=sys.stderr,
-                )
+            for one in msg if isinstance(msg, list) else (msg,):
+                self.handle(one)
+
+    def handle(self, msg: object) -> None:
+        if isinstance(msg, Run | Stop):
+            self.jobs.put(msg)
+        elif isinstance(msg, Cancel):
+            with self.state_lock:
+                self.cancelled_ids.add(msg.job_id)
+                if self.current is not None and self.current.job_id == msg.job_id:
+                    self.current.cancel()
+        elif isinstance(msg, Lease):
+            self.lease_until = msg.until
+        else:
+            print(
+                f"vramq worker {self.model_id}: ignoring unknown message {type(msg).__name__}",
+                file=sys.stderr,
+            )
 
     def run_job(self, adapter: Any, msg: Run) -> None:
         output_dir = Path(msg.output_dir)
@@ -230,6 +290,8 @@ class _Worker:
             self.current = ctx
             if job_id in self.cancelled_ids:
                 ctx.cancel()
+        if self.position is not None:
+            self.position.value = msg.seq
         t0 = time.perf_counter()
         try:
             ctx.check_cancelled()
@@ -260,7 +322,7 @@ class _Worker:
             with self.state_lock:
                 self.current = None
                 self.cancelled_ids.discard(job_id)
-        self.send(reply)
+        self.reply(reply)
 
 
 def _load(adapter_path: str, device: str) -> Any:
@@ -275,12 +337,19 @@ def _load(adapter_path: str, device: str) -> Any:
     return adapter
 
 
-def worker_main(conn: Connection, adapter_path: str, model_id: str, device: str, parent_pid: int) -> None:
+def worker_main(
+    conn: Connection,
+    adapter_path: str,
+    model_id: str,
+    device: str,
+    parent_pid: int,
+    position: Any = None,
+) -> None:
     """Entry point of a worker subprocess. Never returns: it ends the process when told to stop."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = _Worker(conn, model_id, device)
+    worker = _Worker(conn, model_id, device, position)
     t0 = time.perf_counter()
     try:
         adapter = _load(adapter_path, device)
@@ -294,11 +363,13 @@ def worker_main(conn: Connection, adapter_path: str, model_id: str, device: str,
     worker.send(Ready(os.getpid(), device, _measure_vram_mb(adapter), load_s))
     threading.Thread(target=worker.read_loop, name="vramq-reader", daemon=True).start()
     threading.Thread(target=worker.fence, name="vramq-fence", daemon=True).start()
+    threading.Thread(target=worker.flush_loop, name="vramq-flusher", daemon=True).start()
     while True:
         msg = worker.jobs.get()
         if isinstance(msg, Stop):
             break
         worker.run_job(adapter, msg)
+    worker.flush()
     unload = getattr(adapter, "unload", None)
     if callable(unload):
         try:

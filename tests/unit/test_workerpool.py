@@ -25,6 +25,7 @@ from scheduler.workerpool import (
     Done,
     Failed,
     Progress,
+    Unfinished,
     WorkerHandle,
     WorkerStartError,
     WorkerStateError,
@@ -414,3 +415,60 @@ def test_describe_exit() -> None:
     assert describe_exit(-9) == "was killed by SIGKILL"
     assert describe_exit(-200) == "was killed by signal 200"
     assert describe_exit(None) == "exited (status unknown)"
+
+
+async def test_submitted_jobs_run_in_order_behind_each_other(spawn: Spawn, tmp_path: Path) -> None:
+    rec = tmp_path / "rec"
+    h = await started(spawn, VRAMQ_DEMO_RECORD_DIR=str(rec))
+    futs = [h.submit(f"q{i}", 1, {"seconds": 0}, tmp_path / f"q{i}") for i in range(40)]
+    assert h.state == "busy" and h.inflight == 40 and h.job_id == "q0"
+    with pytest.raises(WorkerStateError):
+        h.submit("q3", 1, {"seconds": 0}, tmp_path)  # already on the worker
+    with pytest.raises(WorkerStateError):
+        await h.run("x", 1, {"seconds": 0}, tmp_path)  # run() wants an idle worker
+    results = await asyncio.wait_for(asyncio.gather(*futs), 30)
+    assert [r.job_id for r in results] == [f"q{i}" for i in range(40)]
+    assert all(isinstance(r, Done) for r in results)
+    assert h.state == "idle" and h.inflight == 0 and h.job_id is None and h.jobs_run == 40
+    starts = [
+        json.loads(x)["job_id"]
+        for x in (rec / f"executions-{h.pid}.jsonl").read_text().splitlines()
+        if json.loads(x)["event"] == "start"
+    ]
+    assert starts == [f"q{i}" for i in range(40)]
+
+
+async def test_a_crash_blames_the_running_job_and_requeues_the_rest(spawn: Spawn, tmp_path: Path) -> None:
+    rec = tmp_path / "rec"
+    h = await started(spawn, VRAMQ_DEMO_RECORD_DIR=str(rec))
+    first = h.submit("done", 1, {"seconds": 0}, tmp_path / "a")
+    running = h.submit("running", 1, LONG_JOB, tmp_path / "b")
+    queued = [h.submit(f"queued{i}", 1, {"seconds": 0}, tmp_path / "c") for i in range(3)]
+    assert isinstance(await asyncio.wait_for(first, 30), Done)
+    record = rec / f"executions-{h.pid}.jsonl"
+    await wait_until(lambda: "running" in record.read_text(), what="the long job's start record")
+    assert h.pid is not None and h.job_id == "running"
+    os.kill(h.pid, signal.SIGKILL)
+    crashed = await asyncio.wait_for(running, 10)
+    assert isinstance(crashed, Crashed) and crashed.cause == "crashed"
+    for fut in queued:
+        result = await fut
+        assert isinstance(result, Unfinished) and not result.started
+        assert "before the job started" in result.message
+    assert h.state == "gone"
+
+
+async def test_a_queued_job_can_be_cancelled_and_times_out_on_its_own_clock(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    h = await started(spawn)
+    ahead = h.submit("ahead", 1, {"seconds": 0.5}, tmp_path / "a")
+    cancelled = h.submit("cancel-me", 1, LONG_JOB, tmp_path / "b")
+    # 0.3 s of its own: it would have run out while the job ahead of it ran, were the clock shared.
+    after = h.submit("after", 1, {"seconds": 0.1}, tmp_path / "c", timeout_s=0.3)
+    assert h.cancel("cancel-me", grace_s=5)
+    assert not h.cancel("not-here")
+    assert isinstance(await asyncio.wait_for(ahead, 30), Done)
+    assert isinstance(await asyncio.wait_for(cancelled, 10), CancelledAck)
+    assert isinstance(await asyncio.wait_for(after, 10), Done)
+    assert h.state == "idle" and h.alive
