@@ -26,6 +26,7 @@ LEGAL_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset(
     {
         (None, "queued"),
         ("queued", "leased"),
+        ("queued", "running"),  # claimed straight onto a warm worker chosen before the claim
         ("queued", "cancelled"),
         ("leased", "running"),
         ("leased", "queued"),

@@ -159,12 +159,28 @@ async def claim(
     wants: Sequence[Want],
     pool: str,
     lease_ttl_s: float,
+    slots: Mapping[str, Sequence[tuple[str, str]]] | None = None,
     now: datetime | None = None,
 ) -> list[Record]:
-    """Lease up to ``n`` runnable jobs per wanted model to ``term``; never blocks on others' claims."""
+    """Lease up to ``n`` runnable jobs per wanted model to ``term``; never blocks on others' claims.
+
+    ``slots[model]`` lists (worker, gpu) for that model's jobs in claim order: the k-th job claimed
+    for the model starts running on the k-th slot's worker at once (``status`` running, ``worker``
+    set in the returned row); jobs beyond the slots are leased. The caller must then run them there.
+    """
     wants = [w for w in wants if w.n > 0]
     if not wants:
         return []
+    s_model: list[str] = []
+    s_rn: list[int] = []
+    s_worker: list[str] = []
+    s_gpu: list[str] = []
+    for model, lst in (slots or {}).items():
+        for k, (worker, gpu) in enumerate(lst, start=1):
+            s_model.append(model)
+            s_rn.append(k)
+            s_worker.append(worker)
+            s_gpu.append(gpu)
     return await db.fetch(
         sql.CLAIM,
         term,
@@ -174,6 +190,10 @@ async def claim(
         pool,
         now,
         lease_ttl_s,
+        s_model,
+        s_rn,
+        s_worker,
+        s_gpu,
     )
 
 

@@ -17,7 +17,8 @@ CHANNEL_CANCEL = "vramq_cancel"
 
 # Columns a scheduler needs to run a job (RETURNING of claims).
 _CLAIM_COLUMNS = """j.id, j.tenant, j.model, j.feature, j.pool, j.inputs, j.priority, j.attempts,
-    j.max_attempts, j.timeout_s, j.created_at, j.lease_expires_at, j.cancel_requested_at"""
+    j.max_attempts, j.timeout_s, j.created_at, j.lease_expires_at, j.cancel_requested_at, j.status,
+    j.worker"""
 
 # --------------------------------------------------------------------------------------------------
 # Enqueue.
@@ -89,6 +90,9 @@ GROUP BY w.model
 """
 
 # claim: up to n runnable jobs per model, highest priority then oldest first, leased to $1 (the term).
+# A job that gets a worker slot ($8..$11: the k-th job of a model goes to the slot (model, k) the
+# leader chose beforehand) goes straight to running on that worker: one row version, one audit event
+# and one NOTIFY fewer per job than leased -> running. Jobs claimed without a slot stay leased.
 _CLAIM_FILTER = """j.status = 'queued'
            AND j.run_after <= coalesce($6::timestamptz, now())
            AND (j.pool IS NULL OR j.pool = $5)"""
@@ -129,10 +133,16 @@ ranked AS (
 picked AS (
     -- DISTINCT ON: a feature-only job seen by two models of that feature is taken once. Rows locked
     -- above but not picked are released when the statement commits.
-    SELECT DISTINCT ON (id) id, run_model FROM ranked WHERE rn <= n ORDER BY id, rn
+    SELECT DISTINCT ON (id) id, run_model, rn FROM ranked WHERE rn <= n ORDER BY id, rn
+),
+slots AS (
+    SELECT * FROM unnest($8::text[], $9::int[], $10::text[], $11::text[]) AS s(model, rn, worker, gpu)
 )
 UPDATE jobs j
-SET status = 'leased',
+SET status = CASE WHEN s.worker IS NULL THEN 'leased' ELSE 'running' END,
+    started_at = CASE WHEN s.worker IS NULL THEN j.started_at ELSE coalesce($6::timestamptz, now()) END,
+    worker = s.worker,
+    gpu = s.gpu,
     model = p.run_model,
     lease_owner = $1,
     -- attempts counts claims: a rescued job's next claim is its next attempt.
@@ -142,7 +152,7 @@ SET status = 'leased',
     progress = 0,
     progress_message = NULL,
     progress_at = NULL
-FROM picked p
+FROM picked p LEFT JOIN slots s ON s.model = p.run_model AND s.rn = p.rn
 WHERE j.id = p.id AND j.status = 'queued'
   -- A deposed leader that has not noticed yet claims nothing: a newer term of its pool exists.
   AND NOT EXISTS (SELECT 1 FROM schedulers s WHERE s.pool = $5 AND s.term > $1)

@@ -449,8 +449,14 @@ class Leader:
         ]
         if not wants:
             return
+        slots = {w.model: self._slots(room.get(w.model, ()), w.model, w.n) for w in wants}
         rows = await q.claim(
-            self.pool, term=self.term, wants=wants, pool=self.s.pool, lease_ttl_s=self.s.lease_ttl_s
+            self.pool,
+            term=self.term,
+            wants=wants,
+            pool=self.s.pool,
+            lease_ttl_s=self.s.lease_ttl_s,
+            slots=slots,
         )
         self._claiming.update(r["id"] for r in rows)
         got: dict[str, int] = {}
@@ -477,12 +483,32 @@ class Leader:
             if bad is not None:
                 self._pending.fails.append(q.Failure(job_id, ErrorKind.INVALID_INPUT, bad, retry=False))
                 continue
-            worker = self._pick_worker(room.get(spec.id, ()), self._depth(spec.id))
+            if r["worker"] is not None:  # claimed straight into running on this worker
+                worker = self.workers.get(r["worker"])
+                if worker is not None and worker.state not in ("idle", "busy"):
+                    worker = None
+            else:
+                worker = self._pick_worker(room.get(spec.id, ()), self._depth(spec.id))
             if worker is not None:
                 self._start_job(r, spec, inputs, worker)
             else:  # the worker went away while the claim ran
                 self._pending.releases.append((job_id, "its worker went away before it started"))
         self._write_wake.set()
+
+    def _slots(self, workers: Iterable[WorkerHandle], model: str, n: int) -> list[tuple[str, str]]:
+        """The workers for the next ``n`` jobs of ``model``, in claim order: each job to the worker
+        with the fewest jobs at that point, so a claim spreads evenly over the warm workers."""
+        depth = self._depth(model)
+        load = {w.name: w.inflight for w in workers if w.state in ("idle", "busy")}
+        gpus = {w.name: w.gpu_id for w in workers}
+        out: list[tuple[str, str]] = []
+        while len(out) < n and load:
+            name = min(load, key=load.__getitem__)
+            if load[name] >= depth:
+                break
+            load[name] += 1
+            out.append((name, gpus[name]))
+        return out
 
     @staticmethod
     def _pick_worker(workers: Iterable[WorkerHandle], depth: int) -> WorkerHandle | None:
@@ -515,7 +541,8 @@ class Leader:
         fut = worker.submit(str(job_id), active.attempt, inputs, out_dir, on_progress, timeout_s=timeout)
         active.fut = fut
         fut.add_done_callback(lambda f: self._job_ended(active, spec, out_dir, timeout, f))
-        self._pending.starts.append((job_id, worker.name, worker.gpu_id))
+        if r["status"] != "running":
+            self._pending.starts.append((job_id, worker.name, worker.gpu_id))
         if r["cancel_requested_at"] is not None:
             self._request_cancel(job_id)
 

@@ -830,6 +830,10 @@ async def test_claim_and_peek_plans_use_the_queued_indexes(conn: asyncpg.Connect
         POOL,
         None,
         TTL,
+        ["m1"],
+        [1],
+        ["w1"],
+        ["g1"],
     )
     peek_args = ([w.model for w in wants], [w.feature for w in wants], [w.n for w in wants], POOL, None)
     for mode in ("force_custom_plan", "force_generic_plan"):
@@ -902,3 +906,41 @@ async def test_every_audit_trail_is_a_legal_path(conn: asyncpg.Connection) -> No
     # Plain SQL over the audit table says the same for every job at once.
     edges = await conn.fetch("SELECT DISTINCT from_status, to_status FROM job_events")
     assert {(e["from_status"], e["to_status"]) for e in edges} <= LEGAL_TRANSITIONS
+
+
+async def test_a_claim_with_worker_slots_starts_the_jobs_on_those_workers(conn: asyncpg.Connection) -> None:
+    ids = [await add(conn, now=at(i)) for i in range(4)]
+    feature_only = await add(conn, None, now=at(5))
+    term = await new_term(conn)
+    rows = await q.claim(
+        conn,
+        term=term,
+        wants=[q.Want("m1", "f", 6)],
+        pool=POOL,
+        lease_ttl_s=TTL,
+        slots={"m1": [("w-a", "g0"), ("w-b", "g1"), ("w-a", "g0")]},
+        now=at(10),
+    )
+    got = {r["id"]: r for r in rows}
+    assert set(got) == {*ids, feature_only}
+    # Oldest first: the first three jobs take the three slots in order; the rest are only leased.
+    assert [(got[i]["status"], got[i]["worker"]) for i in ids[:3]] == [
+        ("running", "w-a"),
+        ("running", "w-b"),
+        ("running", "w-a"),
+    ]
+    assert [(got[i]["status"], got[i]["worker"]) for i in (ids[3], feature_only)] == [
+        ("leased", None),
+        ("leased", None),
+    ]
+    first = await job(conn, ids[1])
+    assert first["gpu"] == "g1" and first["started_at"] == at(10) and first["attempts"] == 1
+    events = await q.job_events(conn, ids[1])
+    assert [(e["from_status"], e["to_status"], e["worker"]) for e in events] == [
+        (None, "queued", None),
+        ("queued", "running", "w-b"),
+    ]
+    # A job claimed into running is completed like any other; a slot-less one still starts first.
+    assert await q.complete_many(conn, term=term, results=[(ids[0], {"ok": 1})], now=at(11)) == {ids[0]}
+    assert await q.start_many(conn, term=term, started=[(ids[3], "w-b", "g1")]) == {ids[3]}
+    assert await q.start_many(conn, term=term, started=[(ids[2], "w-b", "g1")]) == set()  # running already
