@@ -160,12 +160,22 @@ RETURNING {_CLAIM_COLUMNS}
 """
 
 # extend_leases: every lease of a term in one statement; returns what is still ours, so the leader
-# learns of jobs taken from it (rescued, cancelled) and stops their workers.
+# learns of jobs taken from it (rescued, cancelled) and stops their workers. It never waits for a row
+# lock: a row locked right now is being finished by the leader's own writer (or cancelled, or rescued
+# by someone else), and waiting for it queued the renewal behind busy writers (and, locking rows in
+# another order than a batch of completions, into deadlocks) until the leader fenced itself. Such a
+# row keeps its lease until the next renewal, and still counts as ours if the snapshot says so.
 EXTEND_LEASES = """
-UPDATE jobs
-SET lease_expires_at = coalesce($2::timestamptz, now()) + make_interval(secs => $3::float8)
-WHERE lease_owner = $1 AND status IN ('leased', 'running')
-RETURNING id
+WITH renewed AS (
+    UPDATE jobs j
+    SET lease_expires_at = coalesce($2::timestamptz, now()) + make_interval(secs => $3::float8)
+    FROM (SELECT id FROM jobs
+          WHERE lease_owner = $1 AND status IN ('leased', 'running')
+          FOR UPDATE SKIP LOCKED) l
+    WHERE j.id = l.id
+    RETURNING j.id
+)
+SELECT id FROM jobs WHERE lease_owner = $1 AND status IN ('leased', 'running')
 """
 
 # start_many: leased -> running for jobs handed to a worker (batched by the leader).

@@ -430,6 +430,27 @@ async def test_fencing_after_rescue_terms_and_reclaim(conn: asyncpg.Connection) 
     assert await q.complete(conn, term=new, job_id=job_id, result={})
 
 
+async def test_lease_renewal_never_waits_for_a_locked_row(conn: asyncpg.Connection, dsn: str) -> None:
+    busy, free = await add(conn, now=T0), await add(conn, now=at(1))
+    term = await new_term(conn)
+    await take(conn, term, q.Want("m1", "f", 2), now=at(2), ttl=10)
+    other = await connect(dsn)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", busy)  # a writer finishing it
+        async with asyncio.timeout(5):  # would block until the other transaction ends
+            ours = await q.extend_leases(conn, term=term, lease_ttl_s=10, now=at(8))
+        assert ours == {busy, free}  # the locked job is still ours...
+        assert (await job(conn, free))["lease_expires_at"] == at(18)
+        assert (await job(conn, busy))["lease_expires_at"] == at(12)  # ...and keeps its lease for now
+        await tx.rollback()
+    finally:
+        await other.close()
+    assert await q.extend_leases(conn, term=term, lease_ttl_s=10, now=at(9)) == {busy, free}
+    assert (await job(conn, busy))["lease_expires_at"] == at(19)
+
+
 async def test_fencing_after_rescue_expired(conn: asyncpg.Connection) -> None:
     job_id = await add(conn, now=T0)
     term = await new_term(conn)
