@@ -60,6 +60,9 @@ PRUNE_INTERVAL_S = 3600.0
 PIPELINE_MAX_RUN_S = 0.05  # queue jobs on busy workers only for models whose jobs average less than this
 PIPELINE_DEPTH = 32  # jobs queued on one worker at most (the running one included)
 PIPELINE_WINDOW_S = 0.05  # ... and at most this much expected work
+# Claim nothing while this many finished jobs wait for their outcome to be written: workers must not
+# run ahead of the database (a leader that dies loses those outcomes, and their jobs run again).
+MAX_UNRECORDED = 1024
 
 
 @dataclass
@@ -91,6 +94,9 @@ class _Pending:
             | set(self.cancels)
             | {r[0] for r in self.releases}
         )
+
+    def outcomes(self) -> int:
+        return len(self.completes) + len(self.fails) + len(self.cancels) + len(self.releases)
 
     def empty(self) -> bool:
         return not (
@@ -423,6 +429,8 @@ class Leader:
         # 1. Warm reuse: one claim for every model with room on its warm workers.
         room = self._room_by_model()
         counts = {m: sum(self._depth(m) - w.inflight for w in ws) for m, ws in room.items()}
+        if self._pending.outcomes() + self._inflight.outcomes() >= MAX_UNRECORDED:
+            counts = {}  # the writer wakes the loop when it has caught up
         if counts:
             await self._claim_and_dispatch(counts, room)
 
@@ -831,6 +839,8 @@ class Leader:
             self._inflight = batch
             try:
                 await self._flush(batch)
+                if batch.outcomes() >= MAX_UNRECORDED // 2:
+                    self.wake()  # the round may have held claims back for this flush
             except DB_ERRORS as exc:
                 log.warning("writer: database unavailable (%s); retrying", exc)
                 self._merge_back(batch)
