@@ -89,10 +89,13 @@ class Context:
         send_progress: Callable[[float, str], None] | None = None,
         cancel_event: threading.Event | None = None,
         min_interval_s: float = MIN_PROGRESS_INTERVAL_S,
+        prepare_output_dir: Callable[[Path], None] | None = None,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self._output_dir = output_dir
+        self._prepare = prepare_output_dir
+        self.output_dir_used = False
         self.device = device
         self._send = send_progress
         self._cancel = cancel_event if cancel_event is not None else threading.Event()
@@ -116,7 +119,11 @@ class Context:
     def output_dir(self) -> Path:
         """Where the job writes its output files; created on first use (most jobs of a load test write
         nothing, and a directory per job would be left behind for nothing)."""
-        self._output_dir.mkdir(parents=True, exist_ok=True)
+        if not self.output_dir_used:
+            if self._prepare is not None:
+                self._prepare(self._output_dir)
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+            self.output_dir_used = True
         return self._output_dir
 
     @property

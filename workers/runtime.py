@@ -36,6 +36,7 @@ import os
 import queue
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
@@ -159,10 +160,14 @@ def list_outputs(output_dir: Path) -> list[OutputFile]:
 
 def _prepare_output_dir(output_dir: Path) -> None:
     """Remove what an earlier attempt left; the context creates the directory when the job uses it."""
-    if output_dir.is_symlink() or output_dir.is_file():
-        output_dir.unlink()
-    elif output_dir.exists():
+    try:
+        st = output_dir.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(output_dir)  # a previous attempt's partial outputs must not leak into this one
+    else:
+        output_dir.unlink()
 
 
 class _Worker:
@@ -210,11 +215,10 @@ class _Worker:
         so that the outcomes of a run of short jobs travel in one message."""
         with self.send_lock:
             self.held.append(msg)
-            if len(self.held) == 1:
-                self.held_since = time.monotonic()
             if self.jobs.empty() or len(self.held) >= HOLD_MAX:
                 self._send_held()
-            else:
+            elif len(self.held) == 1:  # the flusher's clock starts with the first held outcome
+                self.held_since = time.monotonic()
                 self.held_cond.notify()
 
     def flush(self) -> None:
@@ -285,7 +289,16 @@ class _Worker:
             held.clear()
             self.send(update)
 
-        ctx = Context(msg.job_id, msg.attempt, output_dir, self.device, send_progress=send_progress)
+        # What an earlier attempt left in the output directory is removed before this attempt writes
+        # there (on first use of ctx.output_dir); a retry clears it up front.
+        ctx = Context(
+            msg.job_id,
+            msg.attempt,
+            output_dir,
+            self.device,
+            send_progress=send_progress,
+            prepare_output_dir=_prepare_output_dir,
+        )
         with self.state_lock:
             self.current = ctx
             if job_id in self.cancelled_ids:
@@ -295,7 +308,8 @@ class _Worker:
         t0 = time.perf_counter()
         try:
             ctx.check_cancelled()
-            _prepare_output_dir(output_dir)
+            if msg.attempt > 1:
+                _prepare_output_dir(output_dir)
             result = adapter.run(resolve_inputs(msg.inputs), ctx)
             if not isinstance(result, dict):
                 raise TypeError(f"run() must return a dict, got {type(result).__name__}")
@@ -304,7 +318,7 @@ class _Worker:
                 json.dumps(result, allow_nan=False)
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"run() returned a result that is not plain JSON: {exc}") from None
-            outputs = list_outputs(output_dir)
+            outputs = list_outputs(output_dir) if ctx.output_dir_used else []
             reply: object = Done(
                 job_id, result, outputs, vram_mb=_measure_vram_mb(adapter), run_s=time.perf_counter() - t0
             )
