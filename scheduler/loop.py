@@ -143,7 +143,11 @@ class Leader:
         self.estimates: dict[str, int] = {m.id: m.vram_mb for m in registry}
         self.load_backoff: dict[str, tuple[int, float]] = {}
         self.reservation: placement.Reservation | None = None
-        self.dirty: set[str] = {m.id for m in registry}
+        self.dirty: set[str] = {m.id for m in registry}  # queues to look at for placement
+        # Models whose queue may hold jobs to claim: set by NOTIFY and the poll, cleared by a claim
+        # that came back short. A worker that frees up claims only for these, so an empty queue
+        # costs no statement per finished job (and no delay for the next job's claim).
+        self.claimable: set[str] = {m.id for m in registry}
         self._wake = asyncio.Event()
         self._lost = asyncio.Event()
         self._lost_reason = ""
@@ -340,8 +344,10 @@ class Leader:
         if payload.startswith("*"):
             feature = payload[1:]
             self.dirty.update(m.id for m in self.registry.by_feature(feature))
+            self.claimable.update(m.id for m in self.registry.by_feature(feature))
         elif payload in self.registry:
             self.dirty.add(payload)
+            self.claimable.add(payload)
         self.wake()
 
     def _on_notify_cancel(self, conn: object, pid: int, channel: str, payload: str) -> None:
@@ -424,11 +430,14 @@ class Leader:
         if poll:
             self._last_poll = now
             self.dirty.update(m.id for m in self.registry)
+            self.claimable.update(m.id for m in self.registry)
             await self._check_cancels()
 
         # 1. Warm reuse: one claim for every model with room on its warm workers.
         room = self._room_by_model()
-        counts = {m: sum(self._depth(m) - w.inflight for w in ws) for m, ws in room.items()}
+        counts = {
+            m: sum(self._depth(m) - w.inflight for w in ws) for m, ws in room.items() if m in self.claimable
+        }
         if self._pending.outcomes() + self._inflight.outcomes() >= MAX_UNRECORDED:
             counts = {}  # the writer wakes the loop when it has caught up
         if counts:
@@ -458,14 +467,20 @@ class Leader:
         if not wants:
             return
         slots = {w.model: self._slots(room.get(w.model, ()), w.model, w.n) for w in wants}
-        rows = await q.claim(
-            self.pool,
-            term=self.term,
-            wants=wants,
-            pool=self.s.pool,
-            lease_ttl_s=self.s.lease_ttl_s,
-            slots=slots,
-        )
+        # Cleared before the statement: a NOTIFY that arrives while it runs marks the model again.
+        self.claimable.difference_update(w.model for w in wants)
+        try:
+            rows = await q.claim(
+                self.pool,
+                term=self.term,
+                wants=wants,
+                pool=self.s.pool,
+                lease_ttl_s=self.s.lease_ttl_s,
+                slots=slots,
+            )
+        except BaseException:
+            self.claimable.update(w.model for w in wants)
+            raise
         self._claiming.update(r["id"] for r in rows)
         got: dict[str, int] = {}
         for r in rows:
@@ -473,6 +488,8 @@ class Leader:
         for w in wants:
             if got.get(w.model, 0) < w.n:
                 self.dirty.discard(w.model)  # the queue of this model is empty for now
+            else:
+                self.claimable.add(w.model)  # there may be more
         try:
             if rows:
                 await self._dispatch(rows, room)
@@ -718,6 +735,7 @@ class Leader:
             self.estimates[model] = measured
         log.info("worker %s ready in %.2fs (%s MB)", handle.name, ready.load_s, measured)
         self.dirty.add(model)
+        self.claimable.add(model)
         self.wake()
 
     async def _on_load_failed(self, handle: WorkerHandle, exc: WorkerStartError) -> None:
