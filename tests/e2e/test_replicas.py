@@ -143,4 +143,5 @@ async def test_three_workers_one_leader_all_jobs_once(
         assert await conn.fetchval("SELECT max(attempts) FROM jobs") == 1
 
         for statuses in await asyncio.wait_for(watched, 60):
-            assert statuses == ["queued", "leased", "running", "succeeded"], statuses
+            # Claimed for a warm worker: straight from queued to running on it.
+            assert statuses == ["queued", "running", "succeeded"], statuses

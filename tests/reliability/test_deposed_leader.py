@@ -56,11 +56,13 @@ async def fencing_violations(db: asyncpg.Connection, term: int) -> list[str]:
     taken: set[object] = set()
     for e in rows:
         jid, mine = e["job_id"], e["lease_owner"] == term
-        if mine and e["from_status"] == "queued" and e["to_status"] == "leased":
+        # A claim moves a job from queued to leased, or straight to running on a chosen worker.
+        claim = e["from_status"] == "queued" and e["to_status"] in ("leased", "running")
+        if mine and claim:
             taken.discard(jid)  # claimed again: its own from here
         elif mine and jid in taken:
             out.append(f"job {jid}: {e['from_status']} -> {e['to_status']} by term {term} at {e['at']}")
-        elif (mine and e["to_status"] == "queued") or (not mine and e["to_status"] == "leased"):
+        elif (mine and e["to_status"] == "queued") or (not mine and claim):
             taken.add(jid)
     return out
 
@@ -69,7 +71,7 @@ async def late_claims(db: asyncpg.Connection, term: int, since: datetime) -> int
     """Jobs ``term`` leased after a newer term of its pool had started."""
     n: int = await db.fetchval(
         "SELECT count(*) FROM job_events WHERE lease_owner = $1 AND at > $2 "
-        "AND from_status = 'queued' AND to_status = 'leased'",
+        "AND from_status = 'queued' AND to_status IN ('leased', 'running')",
         term,
         since,
     )
