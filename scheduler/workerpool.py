@@ -430,7 +430,6 @@ class WorkerHandle:
         job = _Job(job_id, self._seq, fut, on_progress, timeout_s)
         self._jobs[job_id] = job
         self.state = "busy"
-        self._cause = None
         self._outbox.append(Run(job_id, attempt, inputs, str(output_dir), job.seq))
         if not self._flush_soon:
             self._flush_soon = True
