@@ -10,8 +10,9 @@ and by a slow poll (notifications can be lost). Each round:
    starts, evictions and an anti-starvation reservation;
 3. fails jobs that can never run here (a model bigger than every GPU) instead of letting them wait.
 
-Writes that do not gate dispatch (running, progress, results, failures) go through one writer task that
-batches whatever accumulated into one transaction, in order. Side tasks renew leases (one statement),
+The claim itself moves a job to running on the worker chosen for it. Writes that do not gate dispatch
+(progress, results, failures, releases) go through one writer task that batches whatever accumulated,
+one statement per kind of write, in order. Side tasks renew leases (one statement),
 heartbeat the term row on the lock connection, rescue expired leases, and prune old jobs.
 """
 
@@ -78,7 +79,6 @@ class ActiveJob:
 
 @dataclass
 class _Pending:
-    starts: list[tuple[uuid.UUID, str, str]] = field(default_factory=list)
     progress: dict[uuid.UUID, tuple[float, str]] = field(default_factory=dict)
     completes: list[tuple[uuid.UUID, dict[str, Any]]] = field(default_factory=list)
     outputs: list[q.Output] = field(default_factory=list)
@@ -99,9 +99,7 @@ class _Pending:
         return len(self.completes) + len(self.fails) + len(self.cancels) + len(self.releases)
 
     def empty(self) -> bool:
-        return not (
-            self.starts or self.progress or self.completes or self.fails or self.cancels or self.releases
-        )
+        return not (self.progress or self.completes or self.fails or self.cancels or self.releases)
 
 
 def _pid_matches(pid: int, create_time: float | None) -> bool:
@@ -132,7 +130,7 @@ class Leader:
         self.registry = registry
         self.probe = probe
         self.lock_conn = lock_conn
-        self.pool = pool  # commits asynchronously: claims, starts, progress, renewals
+        self.pool = pool  # commits asynchronously: claims, progress, renewals
         self.outcomes = outcomes if outcomes is not None else pool  # durable commits: job outcomes
         self.host = host
         self.host_key = host_key
@@ -402,25 +400,17 @@ class Leader:
             return 1
         return max(2, min(PIPELINE_DEPTH, int(PIPELINE_WINDOW_S / max(ema, 1e-6))))
 
-    def _room_by_model(self) -> dict[str, list[WorkerHandle]]:
-        """Warm workers that can take a job now, per model, the emptiest first."""
-        room: dict[str, list[WorkerHandle]] = {}
+    def _warm_by_model(self) -> dict[str, list[WorkerHandle]]:
+        """Warm workers (idle or busy) per model, minus those on a GPU reserved for another model."""
+        warm: dict[str, list[WorkerHandle]] = {}
         res = self.reservation
-        depths: dict[str, int] = {}
         for w in self.workers.values():
             if w.state not in ("idle", "busy"):
                 continue
-            model = w.spec.id
-            if model not in depths:
-                depths[model] = self._depth(model)
-            if w.inflight >= depths[model]:
-                continue
-            if res is not None and w.gpu_id == res.gpu_id and model != res.model:
+            if res is not None and w.gpu_id == res.gpu_id and w.spec.id != res.model:
                 continue  # a reserved GPU serves only the starving model
-            room.setdefault(model, []).append(w)
-        for lst in room.values():
-            lst.sort(key=lambda w: (w.inflight, -w.last_used))  # emptiest, then warmest first
-        return room
+            warm.setdefault(w.spec.id, []).append(w)
+        return warm
 
     async def _round(self) -> None:
         if self._draining or self._lost.is_set():
@@ -433,15 +423,13 @@ class Leader:
             self.claimable.update(m.id for m in self.registry)
             await self._check_cancels()
 
-        # 1. Warm reuse: one claim for every model with room on its warm workers.
-        room = self._room_by_model()
-        counts = {
-            m: sum(self._depth(m) - w.inflight for w in ws) for m, ws in room.items() if m in self.claimable
-        }
-        if self._pending.outcomes() + self._inflight.outcomes() >= MAX_UNRECORDED:
-            counts = {}  # the writer wakes the loop when it has caught up
-        if counts:
-            await self._claim_and_dispatch(counts, room)
+        # 1. Warm reuse: one claim filling the free slots of every claimable model's warm workers
+        #    (none while the writer is behind: it wakes the loop when it has caught up).
+        if self._pending.outcomes() + self._inflight.outcomes() < MAX_UNRECORDED:
+            warm = self._warm_by_model()
+            await self._claim_and_dispatch(
+                {m: self._slots(ws, m) for m, ws in warm.items() if m in self.claimable}
+            )
 
         # 2. Idle expiry.
         expired = placement.idle_expired(
@@ -454,19 +442,17 @@ class Leader:
         if self.dirty and (poll or now - self._last_peek >= PEEK_MIN_INTERVAL_S):
             await self._place()
 
-    async def _claim_and_dispatch(
-        self, counts: Mapping[str, int], room: Mapping[str, list[WorkerHandle]]
-    ) -> None:
-        """Claim ``counts[model]`` jobs per model and hand them to the workers in ``room``."""
+    async def _claim_and_dispatch(self, slots: Mapping[str, list[tuple[str, str]]]) -> None:
+        """Claim one job per slot (``slots[model]``: (worker, gpu) in claim order, from ``_slots``) and
+        hand each to its slot's worker; the claim itself moves the jobs to running on them."""
         assert self.term is not None
         wants = [
-            q.Want(model=m, feature=self.registry.get(m).feature, n=n)  # type: ignore[union-attr]
-            for m, n in counts.items()
-            if n > 0 and m in self.registry
+            q.Want(model=m, feature=self.registry.get(m).feature, n=len(lst))  # type: ignore[union-attr]
+            for m, lst in slots.items()
+            if lst and m in self.registry
         ]
         if not wants:
             return
-        slots = {w.model: self._slots(room.get(w.model, ()), w.model, w.n) for w in wants}
         # Cleared before the statement: a NOTIFY that arrives while it runs marks the model again.
         self.claimable.difference_update(w.model for w in wants)
         try:
@@ -492,11 +478,11 @@ class Leader:
                 self.claimable.add(w.model)  # there may be more
         try:
             if rows:
-                await self._dispatch(rows, room)
+                await self._dispatch(rows)
         finally:
             self._claiming.difference_update(r["id"] for r in rows)
 
-    async def _dispatch(self, rows: list[Any], room: Mapping[str, list[WorkerHandle]]) -> None:
+    async def _dispatch(self, rows: list[Any]) -> None:
         files = await self._resolve_files(rows)
         for r in rows:
             job_id: uuid.UUID = r["id"]
@@ -508,44 +494,29 @@ class Leader:
             if bad is not None:
                 self._pending.fails.append(q.Failure(job_id, ErrorKind.INVALID_INPUT, bad, retry=False))
                 continue
-            if r["worker"] is not None:  # claimed straight into running on this worker
-                worker = self.workers.get(r["worker"])
-                if worker is not None and worker.state not in ("idle", "busy"):
-                    worker = None
-            else:
-                worker = self._pick_worker(room.get(spec.id, ()), self._depth(spec.id))
-            if worker is not None:
+            worker = self.workers.get(r["worker"]) if r["worker"] is not None else None
+            if worker is not None and worker.state in ("idle", "busy"):
                 self._start_job(r, spec, inputs, worker)
             else:  # the worker went away while the claim ran
                 self._pending.releases.append((job_id, "its worker went away before it started"))
         self._write_wake.set()
 
-    def _slots(self, workers: Iterable[WorkerHandle], model: str, n: int) -> list[tuple[str, str]]:
-        """The workers for the next ``n`` jobs of ``model``, in claim order: each job to the worker
-        with the fewest jobs at that point, so a claim spreads evenly over the warm workers."""
+    def _slots(
+        self, workers: Iterable[WorkerHandle], model: str, n: int | None = None
+    ) -> list[tuple[str, str]]:
+        """Free slots of ``workers`` for the next jobs of ``model`` (at most ``n``), in claim order:
+        each job to the worker with the fewest jobs at that point, so a claim spreads evenly."""
         depth = self._depth(model)
         load = {w.name: w.inflight for w in workers if w.state in ("idle", "busy")}
         gpus = {w.name: w.gpu_id for w in workers}
         out: list[tuple[str, str]] = []
-        while len(out) < n and load:
+        while load and (n is None or len(out) < n):
             name = min(load, key=load.__getitem__)
             if load[name] >= depth:
                 break
             load[name] += 1
             out.append((name, gpus[name]))
         return out
-
-    @staticmethod
-    def _pick_worker(workers: Iterable[WorkerHandle], depth: int) -> WorkerHandle | None:
-        best = None
-        for w in workers:
-            if (
-                w.state in ("idle", "busy")
-                and w.inflight < depth
-                and (best is None or w.inflight < best.inflight)
-            ):
-                best = w
-        return best
 
     def _start_job(self, r: Any, spec: ModelSpec, inputs: dict[str, Any], worker: WorkerHandle) -> None:
         job_id: uuid.UUID = r["id"]
@@ -566,8 +537,6 @@ class Leader:
         fut = worker.submit(str(job_id), active.attempt, inputs, out_dir, on_progress, timeout_s=timeout)
         active.fut = fut
         fut.add_done_callback(lambda f: self._job_ended(active, spec, out_dir, timeout, f))
-        if r["status"] != "running":
-            self._pending.starts.append((job_id, worker.name, worker.gpu_id))
         if r["cancel_requested_at"] is not None:
             self._request_cancel(job_id)
 
@@ -668,7 +637,10 @@ class Leader:
                 continue
             self._start_worker(model, gpu_id)
         if plan.claims:
-            await self._claim_and_dispatch(plan.claims, self._room_by_model())
+            warm = self._warm_by_model()
+            await self._claim_and_dispatch(
+                {m: self._slots(warm.get(m, ()), m, n) for m, n in plan.claims.items()}
+            )
         for model in plan.unplaceable:
             largest = max((g.total_mb for g in gpus), default=0)
             await self._fail_one(
@@ -871,7 +843,6 @@ class Leader:
 
     def _merge_back(self, batch: _Pending) -> None:
         p = self._pending
-        p.starts[:0] = batch.starts
         p.progress = {**batch.progress, **p.progress}
         p.completes[:0] = batch.completes
         p.outputs[:0] = batch.outputs
@@ -883,13 +854,11 @@ class Leader:
         """Write one batch, in the order of the state machine, one statement per kind of write.
 
         Every statement is fenced on the term and idempotent, so a batch that failed half-way is simply
-        written again. Starts and progress go through the asynchronously committing pool; outcomes
+        written again. Progress goes through the asynchronously committing pool; outcomes
         through the durable one, since a job's outcome is what a client acts on.
         """
         assert self.term is not None
         term = self.term
-        if b.starts:
-            await q.start_many(self.pool, term=term, started=b.starts)
         finishing = b.ids()
         for job_id, (fraction, message) in b.progress.items():
             if job_id in finishing:
