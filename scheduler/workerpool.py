@@ -88,7 +88,6 @@ from workers.protocol import (
     Progress,
     Ready,
     Run,
-    Started,
     Stop,
 )
 from workers.runtime import worker_main
@@ -609,8 +608,6 @@ class WorkerHandle:
                 self.vram_mb = msg.vram_mb
             self.jobs_run += 1
             self._finish_job(job, msg)
-        elif isinstance(msg, Started):
-            pass
         elif isinstance(msg, Ready):
             self.ready = msg
             self.vram_mb = msg.vram_mb

@@ -20,7 +20,6 @@ Child -> parent
                     measured (None where it cannot tell, e.g. on CPU).
     ``LoadFailed``  sent instead of ``Ready`` when importing or loading the adapter failed; the child
                     exits right after.
-    ``Started``     the job's ``run`` has been called (not sent by the current runtime; accepted).
     ``Progress``    fraction in [0, 1], throttled by the child (a final 1.0 is implied by ``Done``).
     ``Done``        ``result`` is a JSON-serialisable dict; ``outputs`` lists the files written to the job's
                     output directory; ``vram_mb`` is the measurement after the job.
@@ -100,11 +99,6 @@ class LoadFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class Started:
-    job_id: str
-
-
-@dataclass(frozen=True, slots=True)
 class Progress:
     job_id: str
     fraction: float
@@ -132,7 +126,7 @@ class CancelledAck:
     job_id: str
 
 
-FromWorker = Ready | LoadFailed | Started | Progress | Done | Failed | CancelledAck
+FromWorker = Ready | LoadFailed | Progress | Done | Failed | CancelledAck
 
 MAX_MESSAGE_CHARS = 2000
 

@@ -392,7 +392,6 @@ def test_messages_pickle_small() -> None:
         protocol.Stop(),
         protocol.Ready(1, "cpu", None, 0.1),
         protocol.LoadFailed("oom", "x"),
-        protocol.Started("j"),
         protocol.Progress("j", 0.5, "half"),
         protocol.Done(
             "j", {"a": 1}, [protocol.OutputFile("mesh.glb", 1, "ab", "model/gltf-binary")], 10, 0.1
