@@ -17,7 +17,6 @@ import psycopg
 import pytest
 
 from db import migrate
-from db.connect import connect
 from db.dsn import with_database
 from tests.reliability.harness import Cluster, RestartablePg
 from tests.reliability.report import REPORT
@@ -45,12 +44,9 @@ async def cluster(dsn: str, tmp_path: Path) -> AsyncIterator[Cluster]:
 
 
 @pytest.fixture
-async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await connect(dsn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
+def db(conn: asyncpg.Connection) -> asyncpg.Connection:
+    """The scenarios' name for the suite-wide ``conn`` fixture."""
+    return conn
 
 
 @pytest.fixture(scope="session")
