@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -439,42 +439,34 @@ def tables(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     return "\n".join(out), summary
 
 
+def _goal(goal: str, vramq: float, unit: str, ref: str, ref_value: float, ok: bool) -> str:
+    return (
+        f"| {goal} | {_fmt(vramq)} {unit} | {ref} {_fmt(ref_value)}{' ms' if unit == 'ms' else ''} | "
+        f"{'met' if ok else 'NOT met'} ({_ratio(vramq, ref_value)}) |"
+    )
+
+
 def goals(summary: dict[str, Any]) -> str:
     lines = ["| goal | vramq | reference | verdict |", "|---|---:|---:|---|"]
-    d = summary.get("drain")
-    if d and d["vramq"] is not None and d["best_peer_value"]:
-        ok = d["vramq"] > d["best_peer_value"]
-        lines.append(
-            f"| drain ahead of every peer | {_fmt(d['vramq'])} jobs/s | "
-            f"{d['best_peer']} {_fmt(d['best_peer_value'])} | "
-            f"{'met' if ok else 'NOT met'} ({_ratio(d['vramq'], d['best_peer_value'])}) |"
-        )
-        if d["limit"]:
-            name, lv = d["limit"]
-            ok = d["vramq"] * 2 >= lv
-            lines.append(
-                f"| drain within 2{TIMES} of the raw-SQL limit | {_fmt(d['vramq'])} jobs/s | "
-                f"{name} {_fmt(lv)} | "
-                f"{'met' if ok else 'NOT met'} ({_ratio(d['vramq'], lv)}) |"
-            )
-    p = summary.get("pickup")
-    if p and p["vramq"] is not None:
-        ok = p["vramq"] < p["best_peer_value"]
-        lines.append(
-            f"| p99 pickup below every peer | {_fmt(p['vramq'])} ms | "
-            f"{p['best_peer']} {_fmt(p['best_peer_value'])} ms | "
-            f"{'met' if ok else 'NOT met'} ({_ratio(p['vramq'], p['best_peer_value'])}) |"
-        )
-    for wl in ("enqueue", "enqueue_bulk"):
-        e = summary.get(wl)
-        if e and e["vramq"] is not None and e["limit"]:
-            name, lv = e["limit"]
-            ok = e["vramq"] * 2 >= lv
-            lines.append(
-                f"| {wl} within 2{TIMES} of the raw-SQL limit | {_fmt(e['vramq'])} jobs/s | "
-                f"{name} {_fmt(lv)} | "
-                f"{'met' if ok else 'NOT met'} ({_ratio(e['vramq'], lv)}) |"
-            )
+
+    def ahead(wl: str, goal: str, unit: str, better: Callable[[float, float], bool]) -> None:
+        r = summary.get(wl)
+        if r and r["vramq"] is not None and r["best_peer_value"]:
+            v, best = r["vramq"], r["best_peer_value"]
+            lines.append(_goal(goal, v, unit, r["best_peer"], best, better(v, best)))
+
+    def within_limit(wl: str) -> None:
+        r = summary.get(wl)
+        if r and r["vramq"] is not None and r["limit"]:
+            name, lv = r["limit"]
+            goal = f"{wl} within 2{TIMES} of the raw-SQL limit"
+            lines.append(_goal(goal, r["vramq"], "jobs/s", name, lv, r["vramq"] * 2 >= lv))
+
+    ahead("drain", "drain ahead of every peer", "jobs/s", lambda v, best: v > best)
+    within_limit("drain")
+    ahead("pickup", "p99 pickup below every peer", "ms", lambda v, best: v < best)
+    within_limit("enqueue")
+    within_limit("enqueue_bulk")
     return "\n".join(lines)
 
 
